@@ -1,0 +1,115 @@
+"""Paged KV cache and attention over it, for batches that mix prefills of any length with decodes.
+
+The cache is a pool of fixed-size blocks per layer; a sequence owns a list of blocks (its block
+table), so memory is allocated as sequences grow and freed without fragmentation. Which blocks
+a sequence owns is decided by the engine's block manager; this module only reads and writes.
+
+A step's tokens are packed: all sequences' new tokens in one [T, ...] tensor, so every GEMM of
+the layer runs once for the whole batch. Only attention looks at sequences one by one: prefills
+(more than one new token) individually with a causal mask, decodes (one new token) together in
+one padded batch, which is what keeps decode fast at large batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """K and V blocks for the layers of one stage: [layers, blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device | str | None = None):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's tokens sit in the packed batch and in the cache; built once per step
+    and shared by all layers."""
+
+    query_lens: list[int]           # new tokens per sequence
+    context_lens: list[int]         # tokens already cached per sequence, before this step
+    slot_mapping: torch.Tensor      # [T] flat cache slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor      # [B, max_blocks] int64, padded with 0
+    prefill_ids: list[int]          # sequences with more than one new token
+    decode_ids: torch.Tensor        # [D] sequences with exactly one new token
+    decode_token_index: torch.Tensor  # [D] their row in the packed batch
+    decode_mask: torch.Tensor | None  # [D, 1, 1, S] True where a key is visible; None when D == 0
+    starts: list[int]               # first row of each sequence in the packed batch
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device | str | None = None) -> "AttentionMetadata":
+        starts, slots, total = [], [], 0
+        for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
+            starts.append(total)
+            total += qlen
+            for pos in range(ctx, ctx + qlen):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
+        decode = [i for i, q in enumerate(query_lens) if q == 1]
+        mask = None
+        if decode:
+            # Only as many blocks as the longest decoding sequence needs, not the whole table.
+            kv_len = torch.tensor([context_lens[i] + 1 for i in decode])
+            span = -(-int(kv_len.max()) // block_size) * block_size
+            mask = (torch.arange(span)[None, :] < kv_len[:, None])[:, None, None, :].to(device)
+        return cls(
+            query_lens=list(query_lens),
+            context_lens=list(context_lens),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=tables.to(device),
+            prefill_ids=[i for i, q in enumerate(query_lens) if q > 1],
+            decode_ids=torch.tensor(decode, dtype=torch.int64, device=device),
+            decode_token_index=torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=device),
+            decode_mask=mask,
+            starts=starts,
+        )
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D], k and v: [T, KV, D] for the new tokens; k_cache, v_cache: one layer's
+    [blocks, block_size, KV, D]. Writes k and v into the cache, returns [T, H, D]."""
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+
+    for i in meta.prefill_ids:
+        start, qlen, ctx = meta.starts[i], meta.query_lens[i], meta.context_lens[i]
+        qi = q[start:start + qlen].transpose(0, 1)  # [H, q, D]
+        if ctx == 0:
+            ki, vi = k[start:start + qlen], v[start:start + qlen]
+            mask = None
+        else:
+            # A later chunk of a chunked prefill: earlier chunks' keys come from the cache.
+            blocks = meta.block_tables[i, : -(-(ctx + qlen) // block_size)]
+            ki = k_cache[blocks].flatten(0, 1)[: ctx + qlen]
+            vi = v_cache[blocks].flatten(0, 1)[: ctx + qlen]
+            mask = torch.ones(qlen, ctx + qlen, dtype=torch.bool, device=q.device).tril(ctx)
+        oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
+                                            is_causal=mask is None, scale=scale, enable_gqa=True)
+        out[start:start + qlen] = oi.transpose(0, 1)
+
+    if meta.decode_mask is not None:
+        span_blocks = meta.decode_mask.shape[-1] // block_size
+        tables = meta.block_tables[meta.decode_ids, :span_blocks]          # [D, nb]
+        kd = k_cache[tables].flatten(1, 2).transpose(1, 2)                 # [D, KV, S, D]
+        vd = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        qd = q[meta.decode_token_index].unsqueeze(2)                        # [D, H, 1, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[meta.decode_token_index] = od.squeeze(2)
+    return out

@@ -1,0 +1,184 @@
+"""Tensor-parallel building blocks. Each layer allocates only its own shard and knows which slice
+of which checkpoint tensor fills it (`checkpoint_slices`), so a checkpoint never depends on the
+TP degree and a planner can list what a rank reads without reading anything.
+
+Layers do local math only; the model calls the collectives (all-reduce after the row-parallel
+projections and the embedding, all-gather after the LM head) where a reader can see them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shard.config import RopeScaling
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Rows or columns [start, start + length) of checkpoint tensor `name` (full shape `shape`)
+    along `dim`, copied to offset `dst_offset` of the parameter along the same dim."""
+
+    name: str
+    shape: tuple[int, ...]
+    dim: int
+    start: int
+    length: int
+    dst_offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) // self.shape[self.dim] * self.length
+
+
+@dataclass(frozen=True)
+class Part:
+    """One checkpoint tensor inside a (possibly fused) column-parallel weight: the tensor has
+    `rows` output rows; this rank reads `length` of them from `start`."""
+
+    rows: int
+    start: int
+    length: int
+
+
+def split(total: int, tp_size: int, tp_rank: int) -> Part:
+    """Even split of `total` rows over TP ranks."""
+    size = total // tp_size
+    return Part(total, tp_rank * size, size)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T, W split by output rows. Several checkpoint tensors may be fused into one
+    weight (q|k|v, gate|up): one GEMM instead of three."""
+
+    def __init__(self, in_features: int, parts: Sequence[Part], *, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.parts = tuple(parts)
+        self.out_sizes = [p.length for p in parts]
+        self.weight = nn.Parameter(torch.empty(sum(self.out_sizes), in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def checkpoint_slices(self, names: Sequence[str]) -> list[TensorSlice]:
+        assert len(names) == len(self.parts)
+        out, offset = [], 0
+        for name, part in zip(names, self.parts):
+            out.append(TensorSlice(name, (part.rows, self.in_features), 0, part.start, part.length, offset))
+            offset += part.length
+        return out
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T, W split by input columns; each rank's output is a partial sum that the caller
+    all-reduces."""
+
+    def __init__(self, in_features: int, out_features: int, tp_size: int, tp_rank: int, *,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.part = split(in_features, tp_size, tp_rank)
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, self.part.length, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def checkpoint_slices(self, name: str) -> list[TensorSlice]:
+        return [TensorSlice(name, (self.out_features, self.part.rows), 1, self.part.start, self.part.length)]
+
+
+class VocabParallel(nn.Module):
+    """A [vocab, hidden] table split by vocabulary rows: the embedding on the first stage and the
+    LM head on the last. Each rank holds ceil(vocab / tp) rows; the last rank's tail past the
+    real vocabulary is zero padding that is never read from the checkpoint."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp_size: int, tp_rank: int, *,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.vocab_size, self.hidden_size, self.tp_size = vocab_size, hidden_size, tp_size
+        self.rows = -(-vocab_size // tp_size)
+        self.start = min(tp_rank * self.rows, vocab_size)
+        self.length = min(self.rows, vocab_size - self.start)
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden]; rows of other ranks' ids are zero (the caller all-reduces)."""
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.length)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, rows] local logits (the caller gathers and trims the padding)."""
+        return F.linear(h, self.weight)
+
+    def checkpoint_slices(self, name: str) -> list[TensorSlice]:
+        if self.length == 0:
+            return []
+        return [TensorSlice(name, (self.vocab_size, self.hidden_size), 0, self.start, self.length)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the weights' dtype, then scale: the reference's rounding.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def checkpoint_slices(self, name: str) -> list[TensorSlice]:
+        size = self.weight.shape[0]
+        return [TensorSlice(name, (size,), 0, 0, size)]
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the half-split layout of Hugging Face checkpoints, with optional llama3 scaling.
+    cos/sin are computed per step from the positions in the batch, so no table of
+    max_position_embeddings rows (131k for Llama 3.1) is kept."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        if scaling is not None:
+            inv_freq = _llama3_scale(inv_freq, scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                       # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos, sin: [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's long-context scaling: low frequencies are slowed by `factor`, high ones kept,
+    the band between interpolated smoothly."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)

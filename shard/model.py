@@ -1,0 +1,184 @@
+"""LlamaStage: the decoder layers [start, end) that one pipeline rank owns, TP-sharded.
+
+The first stage also owns the embedding; the last the final norm and the LM head. Global sizes
+come from the config (`cfg.num_heads`); per-rank sizes are named `local_*`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shard.attention import AttentionMetadata, KVCache, paged_attention
+from shard.config import ModelConfig
+from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
+                          VocabParallel, apply_rotary, split)
+from shard.layout import check_layout, stage_layers
+from shard.parallel import ParallelContext
+
+
+def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
+    """KV heads each rank holds: a share of them, or one replicated head when TP exceeds them."""
+    return max(1, cfg.num_kv_heads // tp)
+
+
+def kv_part(cfg: ModelConfig, tp: int, tp_rank: int) -> Part:
+    rows = cfg.kv_size
+    if tp <= cfg.num_kv_heads:
+        return split(rows, tp, tp_rank)
+    head = tp_rank // (tp // cfg.num_kv_heads)  # consecutive ranks share one KV head
+    return Part(rows, head * cfg.head_dim, cfg.head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device):
+        super().__init__()
+        tp, r = ctx.tp_size, ctx.tp_rank
+        self.ctx = ctx
+        self.local_heads = cfg.num_heads // tp
+        self.local_kv_heads = kv_heads_per_rank(cfg, tp)
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        kv = kv_part(cfg, tp, r)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [split(cfg.q_size, tp, r), kv, kv],
+                                             dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        q = apply_rotary(q.view(T, self.local_heads, self.head_dim), cos, sin)      # [T, H, D]
+        k = apply_rotary(k.view(T, self.local_kv_heads, self.head_dim), cos, sin)   # [T, KV, D]
+        v = v.view(T, self.local_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.ctx.all_reduce(self.o_proj(out.view(T, -1)))
+
+    def checkpoint_slices(self, prefix: str) -> dict[str, list[TensorSlice]]:
+        return {
+            "qkv_proj.weight": self.qkv_proj.checkpoint_slices(
+                [f"{prefix}.q_proj.weight", f"{prefix}.k_proj.weight", f"{prefix}.v_proj.weight"]),
+            "o_proj.weight": self.o_proj.checkpoint_slices(f"{prefix}.o_proj.weight"),
+        }
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device):
+        super().__init__()
+        tp, r = ctx.tp_size, ctx.tp_rank
+        self.ctx = ctx
+        part = split(cfg.intermediate_size, tp, r)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [part, part], dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.ctx.all_reduce(self.down_proj(torch.nn.functional.silu(gate) * up))
+
+    def checkpoint_slices(self, prefix: str) -> dict[str, list[TensorSlice]]:
+        return {
+            "gate_up_proj.weight": self.gate_up_proj.checkpoint_slices(
+                [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"]),
+            "down_proj.weight": self.down_proj.checkpoint_slices(f"{prefix}.down_proj.weight"),
+        }
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = Attention(cfg, ctx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.mlp = MLP(cfg, ctx, dtype, device)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def checkpoint_slices(self, prefix: str) -> dict[str, list[TensorSlice]]:
+        out = {
+            "input_layernorm.weight": self.input_layernorm.checkpoint_slices(f"{prefix}.input_layernorm.weight"),
+            "post_attention_layernorm.weight": self.post_attention_layernorm.checkpoint_slices(
+                f"{prefix}.post_attention_layernorm.weight"),
+        }
+        for name, sub in (("self_attn", self.self_attn), ("mlp", self.mlp)):
+            out.update({f"{name}.{k}": v for k, v in sub.checkpoint_slices(f"{prefix}.{name}").items()})
+        return out
+
+
+class LlamaStage(nn.Module):
+    """One pipeline stage of a TP-sharded Llama. `forward` takes the packed tokens of one step:
+    token ids on the first stage, hidden states elsewhere; it returns hidden states, or on the
+    last stage the full-vocabulary logits of the rows in `logit_rows`."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        check_layout(cfg, ctx.layout)
+        self.cfg, self.ctx, self.dtype = cfg, ctx, dtype
+        self.layer_range = stage_layers(cfg.num_layers, ctx.layout.pp, ctx.pp_rank)
+        tp, r = ctx.tp_size, ctx.tp_rank
+        self.embed_tokens = (VocabParallel(cfg.vocab_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
+                             if ctx.is_first_stage else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, dtype, device) for _ in self.layer_range)
+        self.norm = self.lm_head = None
+        if ctx.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+            if cfg.tie_word_embeddings and self.embed_tokens is not None:
+                self.lm_head = self.embed_tokens  # one tensor, loaded once
+            else:
+                self.lm_head = VocabParallel(cfg.vocab_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        return KVCache(len(self.layers), num_blocks, block_size, kv_heads_per_rank(self.cfg, self.ctx.tp_size),
+                       self.cfg.head_dim, dtype=self.dtype, device=self.ctx.device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ctx.all_reduce(self.embed_tokens.embed(x)) if self.embed_tokens is not None else x
+        cos, sin = self.rotary(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.k[i], cache.v[i], meta)
+        if self.lm_head is None:
+            return h
+        h = self.norm(h if logit_rows is None else h[logit_rows])
+        logits = self.ctx.all_gather_last(self.lm_head.logits(h))
+        return logits[:, : self.cfg.vocab_size]
+
+    def checkpoint_slices(self) -> dict[str, list[TensorSlice]]:
+        """Parameter name -> the checkpoint slices that fill it, for this rank only."""
+        out: dict[str, list[TensorSlice]] = {}
+        if self.embed_tokens is not None:
+            out["embed_tokens.weight"] = self.embed_tokens.checkpoint_slices("model.embed_tokens.weight")
+        for local, layer in enumerate(self.layers):
+            for name, slices in layer.checkpoint_slices(f"model.layers.{self.layer_range[local]}").items():
+                out[f"layers.{local}.{name}"] = slices
+        if self.norm is not None:
+            out["norm.weight"] = self.norm.checkpoint_slices("model.norm.weight")
+            if self.lm_head is not self.embed_tokens:
+                head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+                out["lm_head.weight"] = self.lm_head.checkpoint_slices(head)
+        return out
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a complete checkpoint of this model holds, with its full shape, whatever the layout."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (h,),
+            f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (cfg.q_size, h),
+            f"{p}.self_attn.k_proj.weight": (cfg.kv_size, h),
+            f"{p}.self_attn.v_proj.weight": (cfg.kv_size, h),
+            f"{p}.self_attn.o_proj.weight": (h, cfg.q_size),
+            f"{p}.mlp.gate_proj.weight": (cfg.intermediate_size, h),
+            f"{p}.mlp.up_proj.weight": (cfg.intermediate_size, h),
+            f"{p}.mlp.down_proj.weight": (h, cfg.intermediate_size),
+        }
+    return shapes
