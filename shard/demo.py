@@ -82,6 +82,10 @@ def ensure_demo_model(cache_dir: Path | None = None, progress: bool = True) -> P
                 )
             convert(gguf, tmp)
             (tmp / COMPLETE_MARKER).touch()
+            # mkdtemp and safetensors create owner-only files; a cache shared between users (an init
+            # container writing for the server, say) must stay readable.
+            for path in (tmp, *tmp.iterdir()):
+                path.chmod(0o755 if path.is_dir() else 0o644)
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

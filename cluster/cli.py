@@ -1,0 +1,142 @@
+"""`caravan`: the command line. Subcommands: generate (offline, local processes) and plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.offline import RequestError
+from cluster.tokenizer import TokenizerError
+from shard.config import ConfigError
+from shard.demo import DemoModelError
+from shard.layout import Layout, LayoutError
+from shard.loader import CheckpointError
+from shard.sampler import SamplingError, SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+USER_ERRORS = (ConfigError, LayoutError, CheckpointError, SamplingError, RequestError, TokenizerError, DemoModelError,
+               FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="caravan", description="Serve one huge Llama across many GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline from a model sharded TP x PP over local processes")
+    gen.add_argument("prompt", help="the user message (chat template applied) or, with --raw, the prompt text")
+    _model_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(run=_generate)
+
+    plan = sub.add_parser("plan", help="show what each rank of a TP x PP layout holds and reads (no weights needed)")
+    _model_args(plan, dtype_default="bfloat16")
+    plan.add_argument("--files", action="store_true", help="list the checkpoint files each rank opens")
+    plan.set_defaults(run=_plan)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"caravan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="Hugging Face checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: ranks per stage (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree: stages (default 1)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=dtype_default, help=f"default {dtype_default}")
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model is not None:
+        if not args.model.is_dir():
+            raise FileNotFoundError(f"--model {args.model} is not a folder; give a Hugging Face checkpoint folder")
+        return args.model
+    from shard.demo import ensure_demo_model
+    return ensure_demo_model()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cluster.local import LocalReplica
+    from cluster.offline import Request, blocks_needed, check_context, generate
+    from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+    from shard.config import ModelConfig
+    from shard.layout import check_layout
+
+    model_dir = _model_dir(args)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    layout = Layout(args.tp, args.pp)
+    check_layout(cfg, layout)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens, logprobs=0 if args.json else None)
+    tok = Tokenizer.from_pretrained(model_dir)
+    prompt_ids = (tok.encode(args.prompt) if args.raw
+                  else tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    requests = [Request(prompt_ids, params)]
+    check_context(requests, cfg.max_position_embeddings)
+
+    block_size = 16
+    start = time.perf_counter()
+    with LocalReplica(model_dir, layout, dtype=DTYPES[args.dtype], num_blocks=blocks_needed(requests, block_size),
+                      block_size=block_size, progress=not args.json) as replica:
+        loaded = time.perf_counter()
+        detok = IncrementalDetokenizer(tok)
+        ids, logprobs, finish = [], [], None
+        for ev in generate(replica, requests, tok.eos_token_ids):
+            ids.append(ev.token_id)
+            logprobs.append(ev.logprob)
+            finish = ev.finish_reason
+            delta = detok.push(ev.token_id)
+            if not args.json:
+                print(delta, end="", flush=True)
+        tail = detok.flush()
+        done = time.perf_counter()
+    rate = len(ids) / (done - loaded)
+    if args.json:
+        print(json.dumps({
+            "model": str(model_dir), "tp": layout.tp, "pp": layout.pp, "dtype": args.dtype,
+            "prompt_token_ids": prompt_ids, "token_ids": ids, "text": detok.text + tail,
+            "logprobs": logprobs, "finish_reason": finish,
+            "load_seconds": round(loaded - start, 2), "tokens_per_second": round(rate, 2),
+        }))
+    else:
+        print(tail)
+        print(f"[{len(ids)} tokens, {finish}, {rate:.1f} tokens/s, {layout}, load {loaded - start:.1f} s]",
+              file=sys.stderr)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from shard.config import ModelConfig
+    from shard.loader import Checkpoint
+    from shard.plan import format_plan, plan_replica
+
+    model_dir = _model_dir(args)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    layout = Layout(args.tp, args.pp)
+    dtype = DTYPES[args.dtype]
+    plans = plan_replica(cfg, layout, Checkpoint.open(model_dir), dtype)
+    print(format_plan(cfg, layout, plans, dtype))
+    if args.files:
+        for p in plans:
+            print(f"rank {p.rank}: {' '.join(p.files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Offline generation over one replica: every request starts together and runs to its end.
+
+This is the simplest driver that exercises the whole data plane (prefill of mixed lengths, then
+batched decode over the paged cache); the continuous-batching engine replaces it for serving.
+KV blocks are reserved up front for each request's whole budget, so nothing is ever preempted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from shard.sampler import SamplingParams, stop_reason
+from shard.worker import SeqChunk, StepInput, StepOutput
+
+
+class Replica(Protocol):
+    block_size: int
+    num_blocks: int
+
+    def step(self, step: StepInput) -> StepOutput: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class TokenEvent:
+    index: int                      # which request
+    token_id: int
+    logprob: float | None
+    finish_reason: str | None       # "stop", "length", or None while the request goes on
+    logits: torch.Tensor | None = None
+
+
+class RequestError(ValueError):
+    """A request the model cannot run; the message names the request and the fix."""
+
+
+def blocks_needed(requests: list[Request], block_size: int) -> int:
+    return sum(-(-(len(r.prompt_ids) + r.params.max_tokens) // block_size) for r in requests)
+
+
+def check_context(requests: list[Request], max_len: int) -> None:
+    for i, r in enumerate(requests):
+        if not r.prompt_ids:
+            raise RequestError(f"request {i}: the prompt is empty")
+        if len(r.prompt_ids) + r.params.max_tokens > max_len:
+            raise RequestError(f"request {i}: prompt ({len(r.prompt_ids)} tokens) + max_tokens "
+                             f"({r.params.max_tokens}) exceeds the model's context of {max_len} tokens; "
+                             f"lower max_tokens or shorten the prompt")
+
+
+def generate(replica: Replica, requests: list[Request], eos_token_ids: frozenset[int], *,
+             return_logits: bool = False) -> Iterator[TokenEvent]:
+    """Yields each request's tokens as they are sampled, one step at a time."""
+    bs = replica.block_size
+    if blocks_needed(requests, bs) > replica.num_blocks:
+        raise ValueError(f"{blocks_needed(requests, bs)} KV blocks needed, the replica has {replica.num_blocks}")
+    tables, first = [], 0
+    for r in requests:
+        n = -(-(len(r.prompt_ids) + r.params.max_tokens) // bs)
+        tables.append(list(range(first, first + n)))
+        first += n
+    outputs: list[list[int]] = [[] for _ in requests]
+    chunks = [SeqChunk(i, list(r.prompt_ids), 0, tables[i], r.params, 0) for i, r in enumerate(requests)]
+    while chunks:
+        out = replica.step(StepInput(chunks, return_logits=return_logits))
+        following = []
+        for row, chunk in enumerate(chunks):
+            i, smp = chunk.seq_id, out.samples[chunk.seq_id]
+            outputs[i].append(smp.token_id)
+            reason = stop_reason(requests[i].params, smp.token_id, len(outputs[i]), eos_token_ids)
+            yield TokenEvent(i, smp.token_id, smp.logprob, reason, out.logits[row] if out.logits is not None else None)
+            if reason is None:
+                context = len(requests[i].prompt_ids) + len(outputs[i]) - 1
+                following.append(SeqChunk(i, [smp.token_id], context, tables[i], requests[i].params, len(outputs[i])))
+        chunks = following
