@@ -1,0 +1,84 @@
+"""Paged attention on one rank: a step may mix prefills, later chunks of a chunked prefill and
+decodes, with blocks scattered anywhere in the pool, and still match the unsharded model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from shard.attention import AttentionMetadata
+from shard.layout import Layout
+from shard.parallel import ParallelContext
+from shard.sampler import SamplingParams
+from shard.worker import SeqChunk, ShardWorker, StepInput
+from tests.synthetic import make_llama
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_llama(tmp_path_factory.mktemp("attn") / "m", layers=3)
+    worker = ShardWorker(path, ParallelContext(Layout()), num_blocks=256, block_size=BLOCK, progress=False)
+    hf = LlamaForCausalLM.from_pretrained(path).eval()
+    return worker, hf
+
+
+def hf_next_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf(torch.tensor([ids])).logits[0, -1]
+
+
+def test_mixed_step_of_prefill_chunk_and_decodes(model):
+    worker, hf = model
+    rng = random.Random(0)
+    # Blocks handed out in a shuffled order: tables are not contiguous, as under a real block manager.
+    free = list(range(256))
+    rng.shuffle(free)
+    prompts = {0: [rng.randrange(3, 1003) for _ in range(13)],
+               1: [rng.randrange(3, 1003) for _ in range(5)],
+               2: [rng.randrange(3, 1003) for _ in range(22)]}
+    tables = {s: [free.pop() for _ in range(12)] for s in prompts}
+    seqs = {s: list(p) for s, p in prompts.items()}
+
+    # Step 1: seq 0 and 1 prefill whole; seq 2 prefills only its first 9 tokens (no sample yet).
+    out = worker.execute(StepInput([
+        SeqChunk(0, seqs[0], 0, tables[0], GREEDY, 0),
+        SeqChunk(1, seqs[1], 0, tables[1], GREEDY, 0),
+        SeqChunk(2, seqs[2][:9], 0, tables[2], None),
+    ], return_logits=True))
+    assert set(out.samples) == {0, 1}
+    for row, s in enumerate((0, 1)):
+        torch.testing.assert_close(out.logits[row], hf_next_logits(hf, seqs[s]), atol=1e-4, rtol=1e-4)
+        seqs[s].append(out.samples[s].token_id)
+
+    # Steps 2-6: seqs 0 and 1 decode while seq 2 prefills the rest in chunks beside them, then decodes.
+    done2 = 9
+    for step in range(5):
+        chunks = [SeqChunk(s, [seqs[s][-1]], len(seqs[s]) - 1, tables[s], GREEDY, step + 1) for s in (0, 1)]
+        if done2 < len(prompts[2]):
+            n = min(7, len(prompts[2]) - done2)
+            last = done2 + n == len(prompts[2])
+            chunks.append(SeqChunk(2, seqs[2][done2:done2 + n], done2, tables[2], GREEDY if last else None))
+            done2 += n
+        else:
+            chunks.append(SeqChunk(2, [seqs[2][-1]], len(seqs[2]) - 1, tables[2], GREEDY, 1))
+        out = worker.execute(StepInput(chunks, return_logits=True))
+        for row, s in enumerate(c.seq_id for c in chunks if c.params is not None):
+            torch.testing.assert_close(out.logits[row], hf_next_logits(hf, seqs[s]), atol=1e-4, rtol=1e-4)
+            seqs[s].append(out.samples[s].token_id)
+    assert len(seqs[2]) > len(prompts[2]) + 1  # seq 2 finished its prefill and decoded
+
+
+def test_metadata_slots_follow_block_tables():
+    meta = AttentionMetadata.build([3, 1], [0, 5], [[7, 2], [4, 9]], block_size=4)
+    # seq 0 tokens 0..2 -> block 7; seq 1 token at position 5 -> block 9, offset 1.
+    assert meta.slot_mapping.tolist() == [28, 29, 30, 37]
+    assert meta.prefill_ids == [0] and meta.decode_ids.tolist() == [1]
+    assert meta.decode_token_index.tolist() == [3]
+    # seq 1 sees 6 keys: positions 0..5 across its two blocks, padded to 8 and masked.
+    assert meta.decode_mask.flatten().tolist() == [True] * 6 + [False] * 2
