@@ -97,8 +97,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             # A later chunk of a chunked prefill: earlier chunks' keys come from the cache.
             blocks = meta.block_tables[i, : -(-(ctx + qlen) // block_size)]
-            ki = k_cache[blocks].flatten(0, 1)[: ctx + qlen]
-            vi = v_cache[blocks].flatten(0, 1)[: ctx + qlen]
+            ki = k_cache.index_select(0, blocks).flatten(0, 1)[: ctx + qlen]
+            vi = v_cache.index_select(0, blocks).flatten(0, 1)[: ctx + qlen]
             mask = torch.ones(qlen, ctx + qlen, dtype=torch.bool, device=q.device).tril(ctx)
         oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
                                             is_causal=mask is None, scale=scale, enable_gqa=True)
@@ -106,9 +106,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     if meta.decode_mask is not None:
         span_blocks = meta.decode_mask.shape[-1] // block_size
-        tables = meta.block_tables[meta.decode_ids, :span_blocks]          # [D, nb]
-        kd = k_cache[tables].flatten(1, 2).transpose(1, 2)                 # [D, KV, S, D]
-        vd = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        tables = meta.block_tables[meta.decode_ids, :span_blocks].flatten()  # [D * nb]
+        # index_select, not k_cache[tables]: advanced indexing is ~10x slower on CPU here.
+        kd = k_cache.index_select(0, tables).view(len(meta.decode_ids), -1, kv_heads, head_dim).transpose(1, 2)
+        vd = v_cache.index_select(0, tables).view(len(meta.decode_ids), -1, kv_heads, head_dim).transpose(1, 2)
         qd = q[meta.decode_token_index].unsqueeze(2)                        # [D, H, 1, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
         out[meta.decode_token_index] = od.squeeze(2)
