@@ -73,7 +73,7 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def _generate(args: argparse.Namespace) -> int:
     from cluster.local import LocalReplica
-    from cluster.offline import Request, blocks_needed, check_context, generate
+    from cluster.offline import Request, blocks_needed, check_requests, generate
     from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
     from shard.config import ModelConfig
     from shard.layout import check_layout
@@ -88,7 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_ids = (tok.encode(args.prompt) if args.raw
                   else tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
     requests = [Request(prompt_ids, params)]
-    check_context(requests, cfg.max_position_embeddings)
+    check_requests(requests, cfg.max_position_embeddings, cfg.vocab_size)
 
     block_size = 16
     start = time.perf_counter()

@@ -87,7 +87,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-
     for i in meta.prefill_ids:
         start, qlen, ctx = meta.starts[i], meta.query_lens[i], meta.context_lens[i]
         qi = q[start:start + qlen].transpose(0, 1)  # [H, q, D]
@@ -110,7 +109,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # index_select, not k_cache[tables]: advanced indexing is ~10x slower on CPU here.
         kd = k_cache.index_select(0, tables).view(len(meta.decode_ids), -1, kv_heads, head_dim).transpose(1, 2)
         vd = v_cache.index_select(0, tables).view(len(meta.decode_ids), -1, kv_heads, head_dim).transpose(1, 2)
-        qd = q[meta.decode_token_index].unsqueeze(2)                        # [D, H, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_token_index] = od.squeeze(2)
+        all_decode = not meta.prefill_ids
+        qd = (q if all_decode else q[meta.decode_token_index]).unsqueeze(2)  # [D, H, 1, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
+                                            enable_gqa=True).squeeze(2)
+        if all_decode:
+            return od  # the common decode-only step: rows are already in batch order
+        out[meta.decode_token_index] = od
     return out

@@ -75,7 +75,12 @@ class Checkpoint:
             if not path.is_file():
                 raise CheckpointError(f"{path} is listed in {INDEX_FILE} but missing; finish the download")
             with safe_open(path, framework="pt") as f:
-                for name in f.keys():
+                held = set(f.keys())
+                listed = {n for n, fn in self.weight_map.items() if fn == file}
+                if listed - held:
+                    raise CheckpointError(f"{INDEX_FILE} places {sorted(listed - held)[:3]} in {file}, which "
+                                          f"does not hold them; the index and the files are out of step")
+                for name in sorted(listed):
                     if name not in expected:
                         continue
                     sl = f.get_slice(name)

@@ -45,11 +45,10 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
-        q = apply_rotary(q.view(T, self.local_heads, self.head_dim), cos, sin)      # [T, H, D]
-        k = apply_rotary(k.view(T, self.local_kv_heads, self.head_dim), cos, sin)   # [T, KV, D]
-        v = v.view(T, self.local_kv_heads, self.head_dim)
+        T, H, KV = x.shape[0], self.local_heads, self.local_kv_heads
+        qkv = self.qkv_proj(x).view(T, H + 2 * KV, self.head_dim)
+        qk = apply_rotary(qkv[:, : H + KV], cos, sin)  # q and k rotated together: one set of ops
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]   # [T, H, D], [T, KV, D], [T, KV, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.ctx.all_reduce(self.o_proj(out.view(T, -1)))
 

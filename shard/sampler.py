@@ -63,7 +63,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         rows = torch.tensor(random_rows)
-        scaled = logits[rows] / torch.tensor([params[i].temperature for i in random_rows])[:, None]
+        chosen_rows = logits[rows]
+        # Shift by the row max before dividing: a tiny temperature then gives 0 and -inf, not inf - inf.
+        shifted = chosen_rows - chosen_rows.max(dim=-1, keepdim=True).values
+        scaled = shifted / torch.tensor([params[i].temperature for i in random_rows])[:, None]
         probs = _filter_top_k_top_p(scaled, [params[i] for i in random_rows]).softmax(dim=-1)
         for j, i in enumerate(random_rows):
             p = params[i]

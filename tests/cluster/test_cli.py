@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_plan_405b() -> None:
     assert "405,853,388,800" in out
     assert "50.74" in out
     assert "TP 8 x PP 2 = 16 GPUs, bfloat16" in out
-    file_lines = [line for line in out.splitlines() if line.startswith("rank ")]
+    file_lines = [line for line in out.splitlines() if re.match(r"rank \d+: ", line)]
     assert len(file_lines) == 16
     assert "model-00001-of-00191.safetensors" in file_lines[0]
     assert "model-00001-of-00191.safetensors" not in file_lines[15]
@@ -131,10 +132,6 @@ def test_max_tokens_beyond_context(with_tokenizer: Path) -> None:
     assert "prompt (" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG cluster/cli.py _generate (and cluster/offline.py check_context): prompt "
-                   "ids are never checked against the model's vocab_size; a tokenizer whose ids exceed it (here "
-                   "Llama 3.1's BOS 128000 with vocab_size 1003) crashes in shard/layers.py:117 F.embedding with "
-                   "'IndexError: index out of range in self', a traceback and exit code 1")
 def test_tokenizer_ids_beyond_vocab(with_tokenizer: Path) -> None:
     assert_user_error(caravan("generate", "--model", with_tokenizer, "--raw", "--max-tokens", "2", "hello"),
                       "generate", "vocab")

@@ -494,15 +494,6 @@ def test_validate_reads_headers_only(sharded_ckpt: Path, no_data: SafeOpenSpy) -
     assert sorted(no_data.opened) == sorted(p.name for p in sharded_ckpt.glob("*.safetensors"))
 
 
-_INDEX_BUG = ("BUG shard/loader.py Checkpoint.validate (lines 57-88) checks the tensors each file holds, never "
-              "that each file holds the tensors the index maps to it; a stale index then fails late, outside "
-              "CheckpointError: {}")
-
-
-@pytest.mark.xfail(strict=True, reason=_INDEX_BUG.format(
-    "a tensor the index maps to a file that does not hold it (while another file does) passes validate; "
-    "load_weights reads other tensors' data, then safetensors raises SafetensorError "
-    "'File does not contain tensor model.norm.weight' at loader.py:122"))
 def test_index_points_at_wrong_file(sharded_ckpt: Path, tmp_path: Path, no_data: SafeOpenSpy) -> None:
     path = copy_checkpoint(sharded_ckpt, tmp_path / "m")
     index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -515,9 +506,6 @@ def test_index_points_at_wrong_file(sharded_ckpt: Path, tmp_path: Path, no_data:
     assert name in msg and wrong in msg
 
 
-@pytest.mark.xfail(strict=True, reason=_INDEX_BUG.format(
-    "a tensor listed in the index but absent from its file (and every other) passes validate; "
-    "load_weights raises KeyError('model.norm.weight') at loader.py:112 (_DTYPE_BYTES[dtypes[s.name]])"))
 def test_index_lists_tensor_its_file_lacks(sharded_ckpt: Path, tmp_path: Path, no_data: SafeOpenSpy) -> None:
     path = copy_checkpoint(sharded_ckpt, tmp_path / "m")
     index = json.loads((path / "model.safetensors.index.json").read_text())
