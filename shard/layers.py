@@ -19,6 +19,15 @@ from torch import nn
 from shard.config import RopeScaling
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. On CPU, MKL computes a short batch (2 to 256 rows: batched decode steps) up to
+    2x faster as (weight @ x.T).T than through F.linear's addmm (SmolLM2's 121 GEMMs at 16 rows:
+    78 ms against 125 ms on 2 threads); GPUs, single rows and long prefills take the plain path."""
+    if x.device.type == "cpu" and 1 < x.shape[0] <= 256:
+        return (weight @ x.T).T.contiguous()
+    return F.linear(x, weight)
+
+
 @dataclass(frozen=True)
 class TensorSlice:
     """Rows or columns [start, start + length) of checkpoint tensor `name` (full shape `shape`)
@@ -66,7 +75,7 @@ class ColumnParallelLinear(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def checkpoint_slices(self, names: Sequence[str]) -> list[TensorSlice]:
         assert len(names) == len(self.parts)
@@ -90,7 +99,7 @@ class RowParallelLinear(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def checkpoint_slices(self, name: str) -> list[TensorSlice]:
         return [TensorSlice(name, (self.out_features, self.part.rows), 1, self.part.start, self.part.length)]
@@ -122,7 +131,7 @@ class VocabParallel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, rows] local logits (the caller gathers and trims the padding)."""
-        return F.linear(h, self.weight)
+        return linear(h, self.weight)
 
     def checkpoint_slices(self, name: str) -> list[TensorSlice]:
         if self.length == 0:
