@@ -77,11 +77,14 @@ def _generate(args: argparse.Namespace) -> int:
     from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
     from shard.config import ModelConfig
     from shard.layout import check_layout
+    from shard.loader import Checkpoint
 
     model_dir = _model_dir(args)
     cfg = ModelConfig.from_pretrained(model_dir)
     layout = Layout(args.tp, args.pp)
     check_layout(cfg, layout)
+    # Headers only, and before the tokenizer: a broken checkpoint is the first thing to report.
+    Checkpoint.open(model_dir).validate(cfg)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens, logprobs=0 if args.json else None)
     tok = Tokenizer.from_pretrained(model_dir)

@@ -44,6 +44,8 @@ class LocalReplica:
         # Everything that can be checked without tensor data is checked here, once, before any
         # process starts: a bad layout or checkpoint fails in a second with one clear message.
         check_layout(self.cfg, layout)
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must both be at least 1")
         Checkpoint.open(model_dir).validate(self.cfg)
         self.layout, self.block_size, self.num_blocks = layout, block_size, num_blocks
         self._procs: list[mp.Process] = []
@@ -92,12 +94,7 @@ class LocalReplica:
             except RuntimeError:
                 pass  # a rank is already gone; the processes are reaped below either way
         shutdown_parallel()
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        self._procs = []
+        self._reap(grace_s=10)
 
     def __enter__(self) -> "LocalReplica":
         return self
@@ -105,19 +102,23 @@ class LocalReplica:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _reap(self, grace_s: float) -> None:
+        """Waits for the ranks to exit, kills those that do not, and leaves no process behind."""
+        for p in self._procs:
+            p.join(timeout=grace_s)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._procs = []
+
     def _fail(self, error: BaseException) -> None:
         """Tears everything down and raises with the tracebacks of the ranks that failed."""
-        for p in self._procs:
-            p.join(timeout=2)
+        shutdown_parallel()
+        self._reap(grace_s=2)  # survivors see the broken group and exit, reporting why
         reports = []
         while not self._errors.empty():
             rank, tb = self._errors.get()
             reports.append(f"--- rank {rank} ---\n{tb}")
-        for p in self._procs:
-            if p.is_alive():
-                p.kill()
-        self._procs = []
-        shutdown_parallel()
         if reports:
             raise ReplicaError(f"replica {self.layout} failed on rank 0 ({error!r}); other ranks:\n"
                                + "\n".join(reports)) from error

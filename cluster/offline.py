@@ -50,14 +50,14 @@ def check_requests(requests: list[Request], max_len: int, vocab_size: int) -> No
     for i, r in enumerate(requests):
         if not r.prompt_ids:
             raise RequestError(f"request {i}: the prompt is empty")
+        if len(r.prompt_ids) + r.params.max_tokens > max_len:
+            raise RequestError(f"request {i}: prompt ({len(r.prompt_ids)} tokens) + max_tokens "
+                               f"({r.params.max_tokens}) exceeds the model's context of {max_len} tokens; "
+                               f"lower max_tokens or shorten the prompt")
         bad = [t for t in r.prompt_ids if not 0 <= t < vocab_size]
         if bad:
             raise RequestError(f"request {i}: token ids {bad[:5]} are outside the model's vocabulary of "
                                f"{vocab_size}; does the tokenizer belong to this model?")
-        if len(r.prompt_ids) + r.params.max_tokens > max_len:
-            raise RequestError(f"request {i}: prompt ({len(r.prompt_ids)} tokens) + max_tokens "
-                             f"({r.params.max_tokens}) exceeds the model's context of {max_len} tokens; "
-                             f"lower max_tokens or shorten the prompt")
 
 
 def generate(replica: Replica, requests: list[Request], eos_token_ids: frozenset[int], *,

@@ -185,3 +185,23 @@ def test_generate_tp3_pp2_matches_single_rank(answer_tp1: dict, smollm2_dir: Pat
     assert out["token_ids"] == answer_tp1["token_ids"]  # greedy by default
     assert out["text"] == answer_tp1["text"]
     assert out["logprobs"] == pytest.approx(answer_tp1["logprobs"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_generate_streams_text_with_progress(smollm2_dir: Path) -> None:
+    result = caravan("generate", "--model", smollm2_dir, "--max-tokens", "16", QUESTION)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Paris" in result.stdout
+    assert "loading rank 0" in result.stderr  # the progress bar while weights load
+    assert "tokens/s" in result.stderr and "TP 1 x PP 1" in result.stderr
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_the_same_on_every_layout(smollm2_dir: Path) -> None:
+    runs = []
+    for layout in (("--tp", "1", "--pp", "1"), ("--tp", "3", "--pp", "2")):
+        result = caravan("generate", "--model", smollm2_dir, "--json", "--max-tokens", "24", "--temperature", "0.9",
+                         "--top-p", "0.95", "--seed", "11", *layout, "Tell me a story about a llama.")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout)["token_ids"])
+    assert runs[0] == runs[1]
