@@ -28,10 +28,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
 
 @dataclass
 class AttentionMetadata:
@@ -86,7 +82,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    # Decode-only steps (the common case) return the batched result directly and need no buffer.
+    out = torch.empty_like(q) if meta.prefill_ids else None
     for i in meta.prefill_ids:
         start, qlen, ctx = meta.starts[i], meta.query_lens[i], meta.context_lens[i]
         qi = q[start:start + qlen].transpose(0, 1)  # [H, q, D]
@@ -109,11 +106,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # index_select, not k_cache[tables]: advanced indexing is ~10x slower on CPU here.
         kd = k_cache.index_select(0, tables).view(len(meta.decode_ids), -1, kv_heads, head_dim).transpose(1, 2)
         vd = v_cache.index_select(0, tables).view(len(meta.decode_ids), -1, kv_heads, head_dim).transpose(1, 2)
-        all_decode = not meta.prefill_ids
-        qd = (q if all_decode else q[meta.decode_token_index]).unsqueeze(2)  # [D, H, 1, D]
+        qd = (q if out is None else q[meta.decode_token_index]).unsqueeze(2)  # [D, H, 1, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
                                             enable_gqa=True).squeeze(2)
-        if all_decode:
-            return od  # the common decode-only step: rows are already in batch order
+        if out is None:
+            return od  # rows are already in batch order
         out[meta.decode_token_index] = od
     return out

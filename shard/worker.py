@@ -54,14 +54,13 @@ class ShardWorker:
         self.model = LlamaStage(self.cfg, ctx, dtype, ctx.device)
         self.load_report: LoadReport = load_weights(self.model, Checkpoint.open(model_dir), progress=progress)
         self.cache = self.model.new_kv_cache(num_blocks, block_size)
-        self.block_size = block_size
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
         seqs, device = step.seqs, self.ctx.device
         query_lens = [len(s.token_ids) for s in seqs]
         meta = AttentionMetadata.build(query_lens, [s.context_len for s in seqs], [s.block_table for s in seqs],
-                                       self.block_size, device)
+                                       self.cache.block_size, device)
         positions = torch.tensor([p for s in seqs for p in range(s.context_len, s.context_len + len(s.token_ids))],
                                  device=device)
         if self.ctx.is_first_stage:
