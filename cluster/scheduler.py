@@ -1,0 +1,267 @@
+"""Iteration-level scheduling for one replica: which sequences run in the next step, and with
+which KV blocks. No I/O and no clock: the engine calls `add`, `schedule`, `update` and `abort`.
+
+- Continuous batching: sequences join and leave the batch at every step.
+- A token budget per step: running decodes first (one token each), then prompt chunks in arrival
+  order. A prompt longer than what is left of the budget is prefilled in chunks over several
+  steps; only its last chunk samples a token.
+- Paged KV: blocks are taken as a sequence grows, not reserved for its whole budget. When a
+  running sequence needs a block and none is free, the newest sequence of its lane is preempted:
+  its blocks are freed and it goes back to the front of the queue, to be recomputed from its
+  prompt and the tokens it has produced (seeded sampling is stateless, so it continues the same).
+- Lanes: with pipeline parallelism the engine keeps one batch in flight per stage. Each sequence
+  belongs to one lane and each batch is built from one lane, so the batches in flight never share
+  a sequence, and a lane is scheduled only after its previous batch returned. Each lane owns an
+  equal share of the KV blocks: a lane can then always preempt its way to progress, where lanes
+  sharing one pool can starve each other (blocks held by batches in flight cannot be taken back).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cluster.offline import RequestError
+from shard.sampler import Sample, SamplingParams, stop_reason
+from shard.worker import SeqChunk, StepInput
+
+
+class BlockManager:
+    """A free list of KV block ids: one lane's share of the replica's cache."""
+
+    def __init__(self, block_ids: range, block_size: int):
+        self.num_blocks, self.block_size = len(block_ids), block_size
+        self._free = deque(block_ids)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def missing(self, table: list[int], num_tokens: int) -> int:
+        """Blocks to add to `table` so that it holds `num_tokens` tokens."""
+        return max(0, self.blocks_for(num_tokens) - len(table))
+
+    def grow(self, table: list[int], num_tokens: int) -> None:
+        need = self.missing(table, num_tokens)
+        assert need <= len(self._free), "grow() past the free blocks; check missing() first"
+        table.extend(self._free.popleft() for _ in range(need))
+
+    def free(self, table: list[int]) -> None:
+        self._free.extend(table)
+        assert len(self._free) <= self.num_blocks, "a block was freed twice"
+        table.clear()
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    lane: int
+    arrival: int                                  # order of add(); smaller is older
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0                         # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    running: bool = False
+    in_flight: bool = False
+    aborted: bool = False
+    preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class Batch:
+    """One step's worth of work from one lane; `update` takes it back with the sampled tokens."""
+
+    lane: int
+    seqs: list[Sequence]
+    step: StepInput
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.step.seqs)
+
+
+@dataclass
+class TokenUpdate:
+    seq_id: int
+    sample: Sample
+    finish_reason: str | None      # "stop", "length", or None while the sequence goes on
+
+
+class Scheduler:
+    def __init__(self, num_blocks: int, block_size: int, *, max_num_seqs: int, max_tokens_per_step: int,
+                 max_model_len: int, eos_token_ids: frozenset[int], lanes: int = 1):
+        if max_tokens_per_step < max_num_seqs:
+            raise ValueError(f"max_tokens_per_step ({max_tokens_per_step}) must be at least max_num_seqs "
+                             f"({max_num_seqs}): a step must hold one decode token of every running sequence")
+        if num_blocks < lanes:
+            raise ValueError(f"{num_blocks} KV blocks cannot be shared by {lanes} lanes; give the replica more KV memory")
+        share = num_blocks // lanes
+        self.pools = [BlockManager(range(i * share, (i + 1) * share), block_size) for i in range(lanes)]
+        self.num_blocks, self.block_size = share * lanes, block_size
+        self.max_num_seqs, self.max_tokens_per_step = max_num_seqs, max_tokens_per_step
+        self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
+        self.seqs: dict[int, Sequence] = {}
+        self._waiting: list[deque[Sequence]] = [deque() for _ in range(lanes)]
+        self._running: list[list[Sequence]] = [[] for _ in range(lanes)]  # in arrival order
+        self._arrivals = 0
+        self.preemptions = 0
+
+    @property
+    def lanes(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(w) for w in self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(r) for r in self._running)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(p.num_free for p in self.pools)
+
+    def has_work(self, lane: int) -> bool:
+        return bool(self._waiting[lane] or self._running[lane])
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queues a sequence; raises RequestError when it could never run on this replica."""
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id} is already scheduled")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                               f"the model's context of {self.max_model_len} tokens; lower max_tokens or shorten "
+                               f"the prompt")
+        pool = self.pools[0]
+        if pool.blocks_for(total) > pool.num_blocks:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                               f"{pool.blocks_for(total)} KV blocks, more than the {pool.num_blocks} of one batch "
+                               f"lane; lower max_tokens or give the replica more KV memory")
+        lane = min(range(self.lanes), key=lambda i: len(self._waiting[i]) + len(self._running[i]))
+        seq = Sequence(seq_id, list(prompt_ids), params, lane, self._arrivals)
+        self._arrivals += 1
+        self.seqs[seq_id] = seq
+        self._waiting[lane].append(seq)
+
+    def abort(self, seq_id: int) -> bool:
+        """Drops a sequence. One in flight keeps its blocks until its batch returns (the workers may
+        still be writing them); it is freed in `update`. False if the id is unknown or done."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return False
+        seq.aborted = True
+        if not seq.in_flight:
+            self._finish(seq)
+        return True
+
+    def schedule(self, lane: int = 0) -> Batch | None:
+        """The next batch of `lane`, or None when it has nothing to run. The lane's previous batch
+        must have been returned through `update`."""
+        running, waiting, pool = self._running[lane], self._waiting[lane], self.pools[lane]
+        assert not any(s.in_flight for s in running), f"lane {lane} still has a batch in flight"
+        budget = self.max_tokens_per_step
+        chosen: list[tuple[Sequence, int]] = []
+        # Running sequences first, as they already hold blocks: decodes, then unfinished prompts,
+        # oldest first within each, so that a long prompt never starves the decodes.
+        for seq in sorted(running, key=lambda s: (len(s.token_ids) - s.num_computed > 1, s.arrival)):
+            if seq not in running:
+                continue  # preempted below to make room for an older sequence
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if n == 0:
+                continue
+            if not self._make_room(seq, seq.num_computed + n, lane):
+                continue
+            pool.grow(seq.block_table, seq.num_computed + n)
+            chosen.append((seq, n))
+            budget -= n
+        # Then waiting sequences, oldest first; a waiting sequence never preempts a running one.
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            seq = waiting[0]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if pool.missing(seq.block_table, seq.num_computed + n) > pool.num_free:
+                break
+            waiting.popleft()
+            pool.grow(seq.block_table, seq.num_computed + n)
+            seq.running = True
+            running.append(seq)
+            chosen.append((seq, n))
+            budget -= n
+        if not chosen:
+            return None
+        chunks = []
+        for seq, n in chosen:
+            start, tokens = seq.num_computed, seq.token_ids
+            done = start + n == len(tokens)
+            chunks.append(SeqChunk(seq.seq_id, tokens[start:start + n], start, list(seq.block_table),
+                                   seq.params if done else None, len(seq.output_ids)))
+            seq.num_computed += n
+            seq.in_flight = True
+        return Batch(lane, [s for s, _ in chosen], StepInput(chunks))
+
+    def update(self, batch: Batch, samples: dict[int, Sample]) -> list[TokenUpdate]:
+        """Takes a batch back with its sampled tokens; returns one update per token produced."""
+        updates = []
+        for seq, chunk in zip(batch.seqs, batch.step.seqs):
+            seq.in_flight = False
+            if seq.aborted:
+                self._finish(seq)
+                continue
+            if chunk.params is None:
+                continue  # a prompt chunk before the last one: nothing sampled yet
+            smp = samples[seq.seq_id]
+            seq.output_ids.append(smp.token_id)
+            reason = stop_reason(seq.params, smp.token_id, len(seq.output_ids), self.eos_token_ids)
+            updates.append(TokenUpdate(seq.seq_id, smp, reason))
+            if reason is not None:
+                self._finish(seq)
+        return updates
+
+    def fail_all(self) -> list[int]:
+        """Forgets every sequence (the replica is gone) and returns their ids."""
+        ids = list(self.seqs)
+        for seq in list(self.seqs.values()):
+            seq.in_flight = False
+            self._finish(seq)
+        return ids
+
+    def _make_room(self, seq: Sequence, num_tokens: int, lane: int) -> bool:
+        """Preempts the lane's newest running sequences until `seq` can grow to `num_tokens`.
+        False when `seq` itself was the newest and got preempted."""
+        pool = self.pools[lane]
+        while pool.missing(seq.block_table, num_tokens) > pool.num_free:
+            victim = self._running[lane][-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._running[seq.lane].remove(seq)
+        self.pools[seq.lane].free(seq.block_table)
+        seq.num_computed, seq.running = 0, False
+        seq.preemptions += 1
+        self.preemptions += 1
+        # Back to the front, ahead of younger waiting sequences, so it resumes first.
+        waiting = self._waiting[seq.lane]
+        index = next((i for i, w in enumerate(waiting) if w.arrival > seq.arrival), len(waiting))
+        waiting.insert(index, seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.pools[seq.lane].free(seq.block_table)
+        if seq.running:
+            self._running[seq.lane].remove(seq)
+        else:
+            self._waiting[seq.lane].remove(seq)
+        del self.seqs[seq.seq_id]
