@@ -82,10 +82,17 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_parallel(layout: Layout, rank: int, endpoint: Endpoint,
-                  device: torch.device | None = None) -> ParallelContext:
+def open_store(endpoint: Endpoint, rank: int, world_size: int) -> dist.TCPStore:
+    """The rendezvous store. Rank 0 serves it; with `endpoint.port` 0 it binds a free port
+    (read it back from `.port`), so no other process can take the port between choosing and binding."""
+    return dist.TCPStore(endpoint.host, endpoint.port, world_size, is_master=rank == 0,
+                         timeout=timedelta(seconds=endpoint.timeout_s), wait_for_workers=False)
+
+
+def init_parallel(layout: Layout, rank: int, endpoint: Endpoint, device: torch.device | None = None,
+                  store: dist.Store | None = None) -> ParallelContext:
     """Joins the replica's world and builds its groups. Every rank calls this with the same
-    layout and endpoint; with a world of one it returns at once."""
+    layout and endpoint (or a store from `open_store`); with a world of one it returns at once."""
     device = device or torch.device("cpu")
     if layout.world_size == 1:
         return ParallelContext(layout, 0, device)
@@ -95,8 +102,8 @@ def init_parallel(layout: Layout, rank: int, endpoint: Endpoint,
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=endpoint.timeout_s)
-    dist.init_process_group(backend_for(device), init_method=f"tcp://{endpoint.host}:{endpoint.port}",
-                            rank=rank, world_size=layout.world_size, timeout=timeout)
+    where = dict(store=store) if store is not None else dict(init_method=f"tcp://{endpoint.host}:{endpoint.port}")
+    dist.init_process_group(backend_for(device), rank=rank, world_size=layout.world_size, timeout=timeout, **where)
     tp_group = None
     # new_group is collective: every rank creates every stage's group, in the same order.
     for pp_rank in range(layout.pp):

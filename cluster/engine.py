@@ -1,0 +1,209 @@
+"""The engine of one model replica: an asyncio loop that turns requests into steps.
+
+Each iteration takes the scheduler's next batch for every idle lane, hands it to the executor
+(which runs it on the replica's shards) and, as the oldest batch returns, streams the sampled
+tokens to their requests. With PP stages there are as many lanes as stages, so while stage 1
+runs batch A, stage 0 already runs batch B.
+
+A step that fails or runs past `step_timeout_s` fails the engine for good: every request gets
+`ReplicaFailed` (marked retryable when it has produced no token yet, so a caller can send it to
+another replica), and new requests get `ReplicaUnavailable`. The replica is then rebuilt by
+whoever owns it (Ray Serve, through the health check).
+
+API, for the router and for tests: `generate(prompt_ids, params)` is an async iterator of
+`TokenUpdate`s; leaving it early (break, cancellation, client gone) aborts the sequence, whose
+blocks are free at the next step. `abort(request_id)` does the same from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from cluster.offline import RequestError
+from cluster.scheduler import Batch, Scheduler, TokenUpdate
+from shard.config import ModelConfig
+from shard.sampler import SamplingParams
+from shard.worker import ShardWorker, StepInput, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica died under a request. `retryable`: the request produced no token, so running
+    it again elsewhere gives the caller exactly what it would have got here."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retryable)
+
+
+class ReplicaUnavailable(ReplicaFailed):
+    """The replica is out of service (failed or closing); always retryable."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message, retryable)
+
+
+class Executor(Protocol):
+    """Runs steps on a replica's shards. Calls may overlap (one per lane in flight); results come
+    back in call order."""
+
+    async def execute(self, step: StepInput) -> StepOutput: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """A world-size-1 shard in this process, on a thread of its own so that the event loop stays
+    free to take requests while a step runs."""
+
+    def __init__(self, worker: ShardWorker):
+        self.worker = worker
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="caravan-step")
+
+    async def execute(self, step: StepInput) -> StepOutput:
+        out = await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.execute, step)
+        assert out is not None
+        return out
+
+    async def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    steps: int
+    preemptions: int
+    failed: str | None
+
+
+class Engine:
+    def __init__(self, executor: Executor, cfg: ModelConfig, eos_token_ids: frozenset[int], *, num_blocks: int,
+                 block_size: int, lanes: int = 1, max_num_seqs: int = 64, max_tokens_per_step: int = 512,
+                 step_timeout_s: float = 15.0, name: str = "replica"):
+        self.executor, self.cfg, self.name = executor, cfg, name
+        self.sched = Scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
+                               max_tokens_per_step=max_tokens_per_step,
+                               max_model_len=cfg.max_position_embeddings, eos_token_ids=eos_token_ids, lanes=lanes)
+        self.step_timeout_s = step_timeout_s
+        self.steps = 0
+        self.failed: str | None = None
+        self._ids = itertools.count()
+        self._streams: dict[int, asyncio.Queue] = {}
+        self._produced: dict[int, int] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    def stats(self) -> EngineStats:
+        s = self.sched
+        return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
+                           s.preemptions, self.failed)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
+        if self.failed is not None:
+            raise ReplicaUnavailable(f"{self.name} is out of service: {self.failed}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the model's vocabulary of {self.cfg.vocab_size}")
+        seq_id = next(self._ids)
+        self.sched.add(seq_id, prompt_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[seq_id], self._produced[seq_id] = queue, 0
+        self._ensure_loop()
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if self._streams.pop(seq_id, None) is not None and self.failed is None:
+                self.sched.abort(seq_id)  # left early: free its blocks now, or when its batch returns
+            self._produced.pop(seq_id, None)
+
+    def abort(self, request_id: int) -> bool:
+        """Ends a request from outside its iterator; it sees `asyncio.CancelledError`."""
+        queue = self._streams.pop(request_id, None)
+        if queue is None:
+            return False
+        self.sched.abort(request_id)
+        queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        return True
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._fail("the replica is shutting down", unavailable=True)
+        await self.executor.close()
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-engine")
+
+    async def _run(self) -> None:
+        in_flight: deque[tuple[Batch, asyncio.Future]] = deque()
+        try:
+            while True:
+                busy = {batch.lane for batch, _ in in_flight}
+                for lane in range(self.sched.lanes):
+                    if lane not in busy and (batch := self.sched.schedule(lane)) is not None:
+                        in_flight.append((batch, asyncio.ensure_future(self.executor.execute(batch.step))))
+                if not in_flight:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch, future = in_flight.popleft()
+                started = time.monotonic()
+                try:
+                    out = await asyncio.wait_for(future, self.step_timeout_s)
+                except asyncio.TimeoutError:
+                    raise ReplicaFailed(f"a step of {len(batch.seqs)} sequences ({batch.num_tokens} tokens) ran past "
+                                        f"the {self.step_timeout_s:g} s step timeout", retryable=False) from None
+                self.steps += 1
+                for update in self.sched.update(batch, out.samples):
+                    queue = self._streams.get(update.seq_id)
+                    if queue is not None:
+                        self._produced[update.seq_id] += 1
+                        queue.put_nowait(update)
+                        if update.finish_reason is not None:
+                            self._streams.pop(update.seq_id)
+                log.debug("%s step %d: %d seqs, %d tokens, %.1f ms", self.name, self.steps, len(batch.seqs),
+                          batch.num_tokens, 1e3 * (time.monotonic() - started))
+        except asyncio.CancelledError:
+            for _, future in in_flight:
+                future.cancel()
+            raise
+        except BaseException as e:
+            for _, future in in_flight:
+                future.cancel()
+            log.error("%s failed: %s", self.name, e)
+            self._fail(str(e) or repr(e))
+
+    def _fail(self, reason: str, unavailable: bool = False) -> None:
+        """Fails every request (retryable when it has no token yet) and forgets every sequence."""
+        if self.failed is None:
+            self.failed = reason
+        for seq_id, queue in list(self._streams.items()):
+            retryable = self._produced.get(seq_id, 0) == 0
+            cls = ReplicaUnavailable if unavailable else ReplicaFailed
+            queue.put_nowait(cls(f"{self.name} failed: {reason}", retryable))
+        self._streams.clear()
+        self.sched.fail_all()
