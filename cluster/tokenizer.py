@@ -12,6 +12,17 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 
+def checkpoint_eos_ids(folder: str | Path) -> frozenset[int]:
+    """End-of-sequence ids from the model's configs. Instruct checkpoints stop on several ids
+    (Llama 3.1: <|end_of_text|>, <|eom_id|>, <|eot_id|>) while the tokenizer names only one."""
+    eos: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        if (Path(folder) / name).is_file():
+            value = json.loads((Path(folder) / name).read_text()).get("eos_token_id")
+            eos.update([value] if isinstance(value, int) else value or [])
+    return frozenset(eos)
+
+
 class TokenizerError(ValueError):
     """The checkpoint folder cannot give what was asked; the message names the folder and the fix."""
 
@@ -33,13 +44,7 @@ class Tokenizer:
                 "tokenizer.json and tokenizer_config.json (as written by tokenizer.save_pretrained)"
             )
         hf = AutoTokenizer.from_pretrained(folder)
-        # Instruct checkpoints stop on several ids (Llama 3.1: <|end_of_text|>, <|eom_id|>, <|eot_id|>)
-        # but the tokenizer names only one; the model's configs list them all.
-        eos: set[int] = set()
-        for name in ("config.json", "generation_config.json"):
-            if (folder / name).is_file():
-                value = json.loads((folder / name).read_text()).get("eos_token_id")
-                eos.update([value] if isinstance(value, int) else value or [])
+        eos = set(checkpoint_eos_ids(folder))
         if hf.eos_token_id is not None:
             eos.add(hf.eos_token_id)
         return cls(hf, eos, folder)

@@ -1,0 +1,110 @@
+"""The Ray side of a shard: `ShardActor` hosts one `shard.worker.ShardWorker` (one GPU, or one CPU
+slot here), and `RayExecutor` drives a replica's actors one step at a time.
+
+Control goes over Ray, tensors over torch.distributed. Every actor gets each step as a plain
+actor call, in the same order (Ray runs one caller's calls to a sync actor in submission order),
+so stage k starts batch B as soon as it has passed batch A on to stage k+1: the pipeline fills
+without any extra scheduling. Why actor calls rather than a broadcast from rank 0 or a compiled
+graph: see the README (measured per-step costs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+
+from shard.layout import Layout
+from shard.parallel import Endpoint, init_parallel, open_store, shutdown_parallel
+from shard.worker import ShardWorker, StepInput, StepOutput
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    model_dir: str
+    layout: Layout
+    rank: int
+    dtype: torch.dtype
+    num_blocks: int
+    block_size: int
+    device: str               # auto | cpu | cuda
+    cpu_threads: int
+    collective_timeout_s: float
+
+
+class ShardActor:
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
+        self.worker: ShardWorker | None = None
+        self._store: dist.TCPStore | None = None
+        torch.set_num_threads(spec.cpu_threads)
+
+    def where(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "host": socket.gethostname(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def open_store(self) -> tuple[str, int]:
+        """Rank 0 only: serves the rendezvous store on a free port and says where."""
+        host = ray.util.get_node_ip_address()
+        self._store = open_store(Endpoint(host, 0, self.spec.collective_timeout_s), 0, self.spec.layout.world_size)
+        return host, self._store.port
+
+    def setup(self, host: str, port: int) -> dict:
+        """Joins the replica's process groups, loads this rank's weights and allocates its KV cache."""
+        s, start = self.spec, time.monotonic()
+        device = self._device()
+        endpoint = Endpoint(host, port, s.collective_timeout_s)
+        store = self._store or open_store(endpoint, s.rank, s.layout.world_size)
+        ctx = init_parallel(s.layout, s.rank, endpoint, device, store=store if s.layout.world_size > 1 else None)
+        self.worker = ShardWorker(s.model_dir, ctx, dtype=s.dtype, num_blocks=s.num_blocks, block_size=s.block_size,
+                                  progress=False)
+        if s.layout.world_size > 1:
+            dist.barrier(group=ctx.cpu_group)
+        return {"rank": s.rank, "device": str(device), "seconds": time.monotonic() - start,
+                "weight_bytes": sum(p.numel() * p.element_size() for p in self.worker.model.parameters())}
+
+    def execute(self, step: StepInput) -> StepOutput | None:
+        return self.worker.execute(step)
+
+    def ping(self) -> bool:
+        return self.worker is not None
+
+    def shutdown(self) -> None:
+        shutdown_parallel()
+
+    def _device(self) -> torch.device:
+        device = self.spec.device
+        if device == "cuda" or (device == "auto" and torch.cuda.is_available() and ray.get_gpu_ids()):
+            if not torch.cuda.is_available():
+                raise RuntimeError("shard.device is cuda but this process sees no CUDA device "
+                                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            return torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+        return torch.device("cpu")
+
+
+RemoteShard = ray.remote(ShardActor)
+
+
+class RayExecutor:
+    """Sends each step to every actor of the replica and returns the last stage's output. Waiting
+    on every actor, not only the last, is what turns a dead actor into an error at once."""
+
+    def __init__(self, actors: list, layout: Layout):
+        self.actors, self.layout = actors, layout
+        self._last = layout.rank(layout.pp - 1, 0)
+
+    async def execute(self, step: StepInput) -> StepOutput:
+        refs = [actor.execute.remote(step) for actor in self.actors]
+        outputs = await asyncio.gather(*refs)
+        return outputs[self._last]
+
+    async def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
