@@ -38,6 +38,16 @@ class ShardSpec:
     collective_timeout_s: float
 
 
+class ShardDied(RuntimeError):
+    """A shard actor died or raised during a step."""
+
+
+def last_line(e: BaseException) -> str:
+    """Ray's errors carry tracebacks and actor details over many lines; the last one says why."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 class ShardActor:
     def __init__(self, spec: ShardSpec):
         self.spec = spec
@@ -96,14 +106,22 @@ class RayExecutor:
     """Sends each step to every actor of the replica and returns the last stage's output. Waiting
     on every actor, not only the last, is what turns a dead actor into an error at once."""
 
-    def __init__(self, actors: list, layout: Layout):
-        self.actors, self.layout = actors, layout
+    def __init__(self, actors: list, names: list[str], layout: Layout):
+        self.actors, self.names, self.layout = actors, names, layout
         self._last = layout.rank(layout.pp - 1, 0)
 
     async def execute(self, step: StepInput) -> StepOutput:
-        refs = [actor.execute.remote(step) for actor in self.actors]
-        outputs = await asyncio.gather(*refs)
+        outputs = await asyncio.gather(*(self._call(actor, name, step) for actor, name in zip(self.actors, self.names)))
         return outputs[self._last]
+
+    @staticmethod
+    async def _call(actor, name: str, step: StepInput) -> StepOutput | None:
+        try:
+            return await actor.execute.remote(step)
+        except ray.exceptions.RayActorError as e:
+            raise ShardDied(f"shard {name} died ({last_line(e)})") from None
+        except ray.exceptions.RayTaskError as e:
+            raise ShardDied(f"shard {name} failed a step: {last_line(e)}") from None
 
     async def close(self) -> None:
         for actor in self.actors:

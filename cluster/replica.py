@@ -65,13 +65,14 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     bundle_nodes = {int(b): n for b, n in placement_group_table(pg)["bundles_to_node_id"].items()}
     places = assign_ranks(layout, bundle_nodes, {n.node_id: n.ip for n in cluster_nodes()})
     gpu = resource == "GPU"
+    # The names are what the Ray dashboard lists: replica, stage and TP rank at a glance.
+    names = [f"{name}-stage{p.stage}-tp{p.tp_rank}" for p in places]
     actors = []
-    for p in places:
+    for p, actor_name in zip(places, names):
         spec = ShardSpec(model_dir, layout, p.rank, cfg.model.torch_dtype, num_blocks, cfg.kv_cache.block_size,
                          cfg.shard.device, cfg.shard.cpu_threads, cfg.timeouts.collective_s)
-        # The name is what the Ray dashboard lists: replica, stage and TP rank at a glance.
         actors.append(RemoteShard.options(
-            name=f"{name}-stage{p.stage}-tp{p.tp_rank}", num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+            name=actor_name, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
             max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, p.bundle, True),
         ).remote(spec))
     start = time.monotonic()
@@ -98,7 +99,7 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     log.info("%s: %s up in %.1f s, %d KV blocks of %d tokens per shard\n%s", name, layout,
              time.monotonic() - start, num_blocks, cfg.kv_cache.block_size, format_places(places))
     eos = checkpoint_eos_ids(model_dir)
-    engine = Engine(RayExecutor(actors, layout), model, eos, num_blocks=num_blocks, block_size=cfg.kv_cache.block_size,
+    engine = Engine(RayExecutor(actors, names, layout), model, eos, num_blocks=num_blocks, block_size=cfg.kv_cache.block_size,
                     lanes=layout.pp, max_num_seqs=cfg.scheduler.max_num_seqs,
                     max_tokens_per_step=cfg.scheduler.max_tokens_per_step, step_timeout_s=cfg.timeouts.step_s,
                     name=name)

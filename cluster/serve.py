@@ -23,6 +23,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util import get_current_placement_group
 
+from cluster.actors import last_line
 from cluster.config import ServeConfig
 from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable
 from cluster.placement import ENGINE_BUNDLE, ShardPlace, check_capacity, cluster_nodes, replica_bundles, shard_resource
@@ -169,5 +170,5 @@ class ReplicaClient:
 
 
 def _cause(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
+    """The original error's message: Ray wraps what a replica raised in a RayTaskError."""
+    return last_line(getattr(e, "cause", None) or e)

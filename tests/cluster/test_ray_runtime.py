@@ -1,0 +1,154 @@
+"""The cluster runtime on a simulated two-node Ray cluster (2 fake GPUs per node): placement,
+equivalence through Serve, continuous batching with preemption, and recovery from a dead or a
+stuck shard while another replica keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from cluster.config import ConfigError, ServeConfig
+from cluster.engine import ReplicaFailed
+from cluster.placement import PlacementError
+from cluster.serve import ReplicaClient, deploy
+from shard.sampler import SamplingParams
+from tests.cluster.test_equivalence import NEW_TOKENS, reference
+from tests.synthetic import make_llama
+
+pytestmark = pytest.mark.slow
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for i in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=2, resources={f"node{i}": 1})
+    ray.init(address=cluster.address)
+    yield cluster
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_llama(tmp_path_factory.mktemp("ray-llama"), layers=4))
+
+
+def config(**sections) -> ServeConfig:
+    base = {"layout": {"tp": 2, "pp": 2}, "kv_cache": {"num_blocks": 128, "block_size": 4},
+            "timeouts": {"step_s": 3, "health_check_period_s": 0.5}, "name": "test"}
+    return ServeConfig.from_dict({**base, **sections})
+
+
+@pytest.fixture
+def app(ray_cluster):
+    yield
+    serve.delete("test")
+
+
+async def tokens(client: ReplicaClient, prompt, params=GREEDY, delay_s=0.0) -> list[int]:
+    await asyncio.sleep(delay_s)
+    return [u.sample.token_id async for u in client.generate(prompt, params)]
+
+
+def test_tp2_pp2_stages_on_their_own_nodes_and_output_equals_the_reference(app, model_dir):
+    client = deploy(config(), model_dir)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 47))]
+    got = asyncio.run(_gather(*(tokens(client, p) for p in prompts)))
+    (info,) = asyncio.run(client.infos())
+    nodes = {stage: {p.node_id for p in info.shards if p.stage == stage} for stage in (0, 1)}
+    assert all(len(n) == 1 for n in nodes.values()), nodes  # one stage's TP ranks share a node
+    assert nodes[0] != nodes[1]                             # stages on different nodes
+    assert [p.rank for p in info.shards] == [0, 1, 2, 3]
+    want, _ = reference(model_dir, prompts)
+    assert got == want
+
+
+def test_concurrent_requests_with_preemption_match_solo_runs_and_free_every_block(app, model_dir):
+    # 2 lanes (PP 2) of 20 blocks of 4 tokens: 32 requests of up to 60 tokens must preempt.
+    client = deploy(config(kv_cache={"num_blocks": 40, "block_size": 4},
+                           scheduler={"max_num_seqs": 8, "max_tokens_per_step": 32}), model_dir)
+    rng = random.Random(1)
+    reqs = [([rng.randrange(3, 1000) for _ in range(rng.randint(2, 30))],
+             SamplingParams(temperature=0, max_tokens=rng.randint(4, 30), ignore_eos=True),
+             0.0 if i < 16 else rng.uniform(0.05, 1.0)) for i in range(32)]
+    together = asyncio.run(_gather(*(tokens(client, p, s, d) for p, s, d in reqs)))
+    alone = [asyncio.run(tokens(client, p, s)) for p, s, _ in reqs[:6]]
+    assert together[:6] == alone
+    want, _ = reference(model_dir, [p for p, _, _ in reqs[6:12]])
+    assert together[6:12] == [w[:s.max_tokens] for w, (_, s, _) in zip(want, reqs[6:12])]
+    time.sleep(1.5)  # the next health check reports the final stats
+    (info,) = asyncio.run(client.infos())
+    assert info.stats.preemptions > 0
+    assert info.stats.free_blocks == info.stats.num_blocks and info.stats.running == info.stats.waiting == 0
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_stuck_shard_takes_only_its_replica_out_and_it_comes_back(app, model_dir, fault):
+    client = deploy(config(layout={"tp": 1, "pp": 2}, replicas=2), model_dir)
+    before = asyncio.run(client.infos())
+    assert len(before) == 2
+    victim = before[0].name
+    shard = ray.get_actor(f"{victim}-stage1-tp0")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def load():
+        async def one(i):
+            await asyncio.sleep(0.05 * i)
+            try:
+                return await tokens(client, [3 + i, 4, 5], params)
+            except ReplicaFailed as e:
+                return e
+        tasks = [asyncio.ensure_future(one(i)) for i in range(24)]
+        await asyncio.sleep(0.6)
+        if fault == "kill":
+            ray.kill(shard)
+        else:
+            shard.__ray_call__.remote(lambda actor: time.sleep(60))
+        started = time.monotonic()
+        results = await asyncio.gather(*tasks)
+        return results, time.monotonic() - started
+
+    results, _ = asyncio.run(load())
+    failed = [r for r in results if isinstance(r, ReplicaFailed)]
+    assert all(victim in str(e) for e in failed), [str(e) for e in failed]  # nothing failed on the other replica
+    assert all(len(r) == 24 for r in results if not isinstance(r, ReplicaFailed))
+    assert len(failed) < len(results)
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        infos = asyncio.run(client.infos())
+        names = {i.name for i in infos}
+        if len(infos) == 2 and victim not in names and all(i.stats.failed is None for i in infos):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"replica {victim} was not replaced: {asyncio.run(client.infos())}")
+    assert asyncio.run(tokens(client, [7, 8, 9], params)) and True
+    time.sleep(1.5)
+    for info in asyncio.run(client.infos()):
+        assert info.stats.free_blocks == info.stats.num_blocks, info
+
+
+def test_a_layout_larger_than_the_cluster_is_refused_with_what_is_missing(ray_cluster, model_dir):
+    with pytest.raises(PlacementError, match=r"need 6 stages of 2 GPUs each.*holds 2.*Lower replicas"):
+        deploy(config(replicas=3), model_dir)
+    with pytest.raises(PlacementError, match=r"need 1 stages of 8 GPUs"):
+        deploy(config(layout={"tp": 8, "pp": 1}), model_dir)
+
+
+def test_a_missing_model_folder_is_refused_with_the_fix(tmp_path):
+    cfg = ServeConfig.from_dict({"model": {"path": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match="model.path.*does not exist; point it at a Hugging Face checkpoint"):
+        cfg.check_model_path()
+
+
+async def _gather(*coros):
+    return await asyncio.gather(*coros)
