@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import ConfigError as ServeConfigError
 from cluster.offline import RequestError
+from cluster.placement import PlacementError
 from cluster.tokenizer import TokenizerError
 from shard.config import ConfigError
 from shard.demo import DemoModelError
@@ -20,7 +22,7 @@ from shard.sampler import SamplingError, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 USER_ERRORS = (ConfigError, LayoutError, CheckpointError, SamplingError, RequestError, TokenizerError, DemoModelError,
-               FileNotFoundError)
+               FileNotFoundError, ServeConfigError, PlacementError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(run=_generate)
+
+    srv = sub.add_parser("serve", help="bring up the model's replicas on a Ray cluster, from one YAML config")
+    srv.add_argument("config", nargs="?", type=Path, default=None,
+                     help="cluster config YAML (default: SmolLM2, TP 3 x PP 2, on a local Ray cluster simulating "
+                          "2 nodes); every key is listed in cluster/config.py")
+    srv.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
+                                                     "config's address or a local one")
+    srv.add_argument("--once", metavar="PROMPT", default=None,
+                     help="answer this chat prompt through the replicas, then shut down (a smoke test)")
+    srv.add_argument("--max-tokens", type=int, default=64, help="with --once: tokens to generate at most")
+    srv.set_defaults(run=_serve)
 
     plan = sub.add_parser("plan", help="show what each rank of a TP x PP layout holds and reads (no weights needed)")
     _model_args(plan, dtype_default="bfloat16")
@@ -121,6 +134,63 @@ def _generate(args: argparse.Namespace) -> int:
         print(tail)
         print(f"[{len(ids)} tokens, {finish}, {rate:.1f} tokens/s, {layout}, load {loaded - start:.1f} s]",
               file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import logging
+    import signal
+
+    from cluster.config import ServeConfig
+    from cluster.launch import model_dir_for, ray_cluster
+    from cluster.placement import format_places
+    from cluster.serve import deploy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    source = str(args.config) if args.config else "<default config>"
+    config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    if args.address:
+        config = dataclasses.replace(config, address=args.address)
+    model_dir = model_dir_for(config, source)
+    with ray_cluster(config) as (address, dashboard):
+        start = time.perf_counter()
+        client = deploy(config, model_dir)
+        infos = asyncio.run(client.infos())
+        for info in infos:
+            print(f"replica {info.name}: {info.stats.num_blocks} KV blocks\n{format_places(info.shards)}",
+                  file=sys.stderr)
+        print(f"serving {Path(model_dir).name} as {config.replicas} replica(s) of TP {config.layout.tp} x PP "
+              f"{config.layout.pp} on Ray at {address} (up in {time.perf_counter() - start:.1f} s); "
+              f"dashboard {dashboard or 'off'}", file=sys.stderr)
+        if args.once is not None:
+            return asyncio.run(_answer_once(client, model_dir, args.once, args.max_tokens))
+        stop = asyncio.Event()
+
+        async def wait() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+
+        print("Ctrl-C or SIGTERM stops it", file=sys.stderr)
+        asyncio.run(wait())
+    return 0
+
+
+async def _answer_once(client, model_dir: str, prompt: str, max_tokens: int) -> int:
+    from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    detok = IncrementalDetokenizer(tok)
+    start, n = time.perf_counter(), 0
+    async for update in client.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens)):
+        n += 1
+        print(detok.push(update.sample.token_id), end="", flush=True)
+    print(detok.flush())
+    print(f"[{n} tokens, {n / (time.perf_counter() - start):.1f} tokens/s through the cluster]", file=sys.stderr)
     return 0
 
 

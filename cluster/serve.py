@@ -123,6 +123,7 @@ def build_app(config: ServeConfig, model_dir: str):
         health_check_timeout_s=t.step_s + 5,
         max_ongoing_requests=100_000,       # the engine's scheduler is the queue; Serve only forwards
         graceful_shutdown_timeout_s=5,
+        max_constructor_retry_count=2,      # a shard that cannot load will not load on the third try either
     ).bind(config, model_dir, resource)
 
 

@@ -1,0 +1,82 @@
+"""`caravan serve`: join a Ray cluster (or start a local one that simulates nodes), check the config
+against the model and the cluster, and bring up the replicas.
+
+The local cluster is `ray.cluster_utils.Cluster`: a head node for Serve and the engines, plus
+`local_cluster.nodes` worker nodes, each with fake GPUs (Ray only counts them; the shards compute
+on CPU), so placement runs exactly as on a real multi-node cluster. Token authentication stays
+on: the local cluster is started with it, and a token is created in ~/.ray/auth_token if missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cluster.config import ServeConfig
+from shard.config import ModelConfig
+from shard.layout import Layout, check_layout
+from shard.loader import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def model_dir_for(config: ServeConfig, source: str) -> str:
+    """The checkpoint to serve, checked (config, layout, tensor headers) before anything starts."""
+    if config.model.path is None:
+        from shard.demo import ensure_demo_model
+        path = ensure_demo_model()
+    else:
+        config.check_model_path(source)
+        path = Path(config.model.path)
+    model = ModelConfig.from_pretrained(path)
+    check_layout(model, Layout(config.layout.tp, config.layout.pp))
+    Checkpoint.open(path).validate(model)
+    return str(path)
+
+
+@contextmanager
+def ray_cluster(config: ServeConfig) -> Iterator[tuple[str, str | None]]:
+    """Connects to `config.address`, or starts the simulated local cluster; yields (address,
+    dashboard URL) and disconnects (and stops a cluster it started) on exit."""
+    if config.address is None:
+        _enable_token_auth()  # before Ray reads its config
+    import ray
+    if config.address is not None:
+        ctx = ray.init(address=config.address, logging_level=logging.WARNING)
+        try:
+            yield config.address, ctx.dashboard_url
+        finally:
+            ray.shutdown()
+        return
+    from ray.cluster_utils import Cluster
+    local = config.local_cluster
+    gpus = local.gpus_for(config.layout, config.replicas)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    try:
+        for i in range(local.nodes):
+            cluster.add_node(num_cpus=local.cpus_per_node, num_gpus=gpus)
+        log.info("local Ray cluster: head + %d nodes with %d simulated GPUs each", local.nodes, gpus)
+        ctx = ray.init(address=cluster.address, logging_level=logging.WARNING)
+        yield cluster.address, ctx.dashboard_url
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _enable_token_auth() -> None:
+    """Ray's own `ray.init()` turns token auth on for a new cluster; `Cluster` does not, so do it
+    the same way: the mode for this process and its children, and a token on disk."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "ray" in sys.modules:  # Ray caches its config at import; read the mode again
+        from ray._raylet import Config
+        Config.initialize("")
+    token = Path.home() / ".ray" / "auth_token"
+    if os.environ["RAY_AUTH_MODE"] == "token" and not token.exists() and "RAY_AUTH_TOKEN" not in os.environ:
+        import secrets
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
