@@ -21,7 +21,7 @@ from cluster.engine import Engine
 from cluster.placement import ShardPlace, assign_ranks, cluster_nodes, format_places
 from cluster.tokenizer import checkpoint_eos_ids
 from shard.config import ModelConfig
-from shard.layout import Layout, stage_layers
+from shard.layout import Layout, model_stage_layers
 from shard.model import kv_heads_per_rank
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def kv_blocks(cfg: ServeConfig, model: ModelConfig) -> int:
     if kv.num_blocks is not None:
         return kv.num_blocks
     layout = Layout(cfg.layout.tp, cfg.layout.pp)
-    layers = max(len(stage_layers(model.num_layers, layout.pp, s)) for s in range(layout.pp))
+    layers = max(len(model_stage_layers(model, layout.pp, s)) for s in range(layout.pp))
     itemsize = cfg.model.torch_dtype.itemsize
     per_block = 2 * layers * kv.block_size * kv_heads_per_rank(model, layout.tp) * model.head_dim * itemsize
     blocks = kv.memory_per_shard // per_block

@@ -65,12 +65,26 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
                           f"use PP between 1 and {cfg.num_layers}")
 
 
-def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
+def stage_layers(num_layers: int, pp: int, pp_rank: int, head_layers: int = 0) -> range:
     """Layers [start, end) owned by one pipeline stage. Uneven splits give the extra layers to the
-    first stages (30 layers on PP 4: 8, 8, 7, 7)."""
-    base, extra = divmod(num_layers, pp)
+    first stages (30 layers on PP 4: 8, 8, 7, 7). `head_layers`: the LM head's weight in
+    layers; the last stage, which runs it, gets that many layers fewer (never fewer than one)."""
+    head = head_layers
+    while head > 0 and (num_layers + head) // pp - head < 1:
+        head -= 1
+    base, extra = divmod(num_layers + head, pp)
     start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))
+    end = start + base + (1 if pp_rank < extra else 0)
+    return range(start, min(end, num_layers))
+
+
+def model_stage_layers(cfg: ModelConfig, pp: int, pp_rank: int) -> range:
+    """`stage_layers` balanced by weight: a step streams every weight of its stage once, so stages
+    that hold equal weight take equal time. The LM head counts in whole layers (SmolLM2: its
+    49152 x 576 head weighs 8 of its 3.5M-parameter layers; Llama 3.1 405B: under one, so no shift)."""
+    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+    layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    return stage_layers(cfg.num_layers, pp, pp_rank, head_layers=cfg.vocab_size * h // layer)
 
 
 def _or_list(values: list[int]) -> str:

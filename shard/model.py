@@ -13,7 +13,7 @@ from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
 from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
                           VocabParallel, apply_rotary, split)
-from shard.layout import check_layout, stage_layers
+from shard.layout import check_layout, model_stage_layers
 from shard.parallel import ParallelContext
 
 
@@ -114,7 +114,7 @@ class LlamaStage(nn.Module):
         super().__init__()
         check_layout(cfg, ctx.layout)
         self.cfg, self.ctx, self.dtype = cfg, ctx, dtype
-        self.layer_range = stage_layers(cfg.num_layers, ctx.layout.pp, ctx.pp_rank)
+        self.layer_range = model_stage_layers(cfg, ctx.layout.pp, ctx.pp_rank)
         tp, r = ctx.tp_size, ctx.tp_rank
         self.embed_tokens = (VocabParallel(cfg.vocab_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
                              if ctx.is_first_stage else None)

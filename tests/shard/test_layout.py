@@ -112,3 +112,12 @@ def test_rank_coords_round_trip() -> None:
         assert seen == sorted(seen)  # one stage's TP ranks are consecutive
     assert Layout(8, 2).coords(9) == (1, 1)
     assert str(Layout(8, 2)) == "TP 8 x PP 2"
+
+
+def test_stage_layers_give_the_last_stage_fewer_layers_for_the_lm_head() -> None:
+    assert [stage_layers(30, 2, r, head_layers=8) for r in range(2)] == [range(0, 19), range(19, 30)]
+    # Never an empty last stage, however heavy the head.
+    for layers, pp in [(6, 3), (2, 2), (4, 4)]:
+        stages = [stage_layers(layers, pp, r, head_layers=50) for r in range(pp)]
+        assert all(len(s) >= 1 for s in stages) and stages[-1].stop == layers and stages[0].start == 0
+        assert all(a.stop == b.start for a, b in zip(stages, stages[1:]))

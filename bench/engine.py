@@ -1,0 +1,125 @@
+"""Engine throughput, in one run, against peers on the same workload, and pipeline parallelism
+with batches in flight against a single stage.
+
+1. 32 concurrent requests, prompt 32, 128 new tokens each (EOS ignored), greedy, SmolLM2-135M fp32,
+   2 threads: Caravan's engine over an in-process shard, transformers' continuous batching
+   (`generate_batch`) and vLLM on CPU (from its own virtualenv, see peers.py; skipped with a note
+   when it is not installed). Prints tok/s and Caravan's ratio to each.
+2. The same requests (fewer new tokens) through Ray shard actors with one thread each: PP 2, two
+   batches in flight, against PP 1. Prints the throughput ratio (the ideal is 2).
+
+    python bench/engine.py                  # both; --skip-peers or --skip-pp for one
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import Result, run_transformers, run_vllm  # noqa: E402
+from workload import Workload, make_prompts  # noqa: E402
+
+from cluster.engine import Engine, LocalExecutor  # noqa: E402
+from shard.demo import ensure_demo_model  # noqa: E402
+from shard.layout import Layout  # noqa: E402
+from shard.parallel import ParallelContext  # noqa: E402
+from shard.sampler import SamplingParams  # noqa: E402
+from shard.worker import ShardWorker  # noqa: E402
+
+BLOCK = 16
+
+
+async def drive(engine: Engine, prompts: list[list[int]], new_tokens: int) -> Result:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+    async def one(p):
+        return sum([1 async for _ in engine.generate(p, params)])
+
+    await one(prompts[0][:8])  # warm-up, as the peers get
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    return Result("caravan", sum(counts), time.perf_counter() - start)
+
+
+def run_caravan(model_dir, prompts, new_tokens: int, threads: int) -> Result:
+    torch.set_num_threads(threads)
+    blocks = len(prompts) * -(-(len(prompts[0]) + new_tokens) // BLOCK) + 8
+    worker = ShardWorker(model_dir, ParallelContext(Layout()), num_blocks=blocks, block_size=BLOCK, progress=False)
+
+    async def run():
+        engine = Engine(LocalExecutor(worker), worker.cfg, frozenset(), num_blocks=blocks, block_size=BLOCK,
+                        max_num_seqs=len(prompts), max_tokens_per_step=max(512, len(prompts)))
+        try:
+            return await drive(engine, prompts, new_tokens)
+        finally:
+            await engine.close()
+    return asyncio.run(run())
+
+
+def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int) -> Result:
+    """One replica of TP 1 x PP `pp` as Ray actors with one thread each, the engine in this process."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.config import ServeConfig
+    from cluster.placement import replica_bundles
+    from cluster.replica import start_replica
+
+    cfg = ServeConfig.from_dict({"layout": {"tp": 1, "pp": pp}, "kv_cache": {"block_size": BLOCK},
+                                 "scheduler": {"max_num_seqs": len(prompts)}, "timeouts": {"step_s": 120}})
+    pg = placement_group(replica_bundles(Layout(1, pp), "CPU"), strategy="PACK")
+    ray.get(pg.ready())
+    replica = start_replica(cfg, str(model_dir), pg, f"bench-pp{pp}", "CPU")
+
+    async def run():
+        try:
+            return await drive(replica.engine, prompts, new_tokens)
+        finally:
+            await replica.engine.close()
+    try:
+        result = asyncio.run(run())
+    finally:
+        remove_placement_group(pg)
+    return Result(f"caravan PP {pp}", result.tokens, result.seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--skip-pp", action="store_true")
+    parser.add_argument("--pp-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    w = Workload()
+    model_dir = ensure_demo_model()
+    prompts = make_prompts(model_dir, w.requests, w.prompt_len)
+    print(f"workload: {w.requests} requests, prompt {w.prompt_len}, {w.new_tokens} new tokens, "
+          f"{model_dir.name} fp32, {w.threads} threads")
+    if not args.skip_peers:
+        ours = run_caravan(model_dir, prompts, w.new_tokens, w.threads)
+        print(f"  caravan engine        {ours.tok_per_s:7.1f} tok/s ({ours.tokens} tokens in {ours.seconds:.1f} s)")
+        for peer in (run_transformers(model_dir, prompts, w.new_tokens, w.threads),
+                     run_vllm(model_dir, prompts, w.new_tokens, w.threads)):
+            if peer is not None:
+                print(f"  {peer.system:<21} {peer.tok_per_s:7.1f} tok/s -> caravan / {peer.system} = "
+                      f"{ours.tok_per_s / peer.tok_per_s:.2f}x")
+    if not args.skip_pp:
+        import ray
+        ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=False)
+        try:
+            one = run_ray_pp(model_dir, prompts, args.pp_new_tokens, 1)
+            two = run_ray_pp(model_dir, prompts, args.pp_new_tokens, 2)
+        finally:
+            ray.shutdown()
+        print(f"pipeline ({args.pp_new_tokens} new tokens, Ray actors with 1 thread each):")
+        print(f"  PP 1 {one.tok_per_s:6.1f} tok/s, PP 2 with 2 batches in flight {two.tok_per_s:6.1f} tok/s -> "
+              f"PP 2 / PP 1 = {two.tok_per_s / one.tok_per_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
