@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
-from cluster.offline import RequestError
 from cluster.scheduler import Batch, Scheduler, TokenUpdate
 from shard.config import ModelConfig
 from shard.sampler import SamplingParams
@@ -98,7 +97,8 @@ class Engine:
         self.executor, self.cfg, self.name = executor, cfg, name
         self.sched = Scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
                                max_tokens_per_step=max_tokens_per_step,
-                               max_model_len=cfg.max_position_embeddings, eos_token_ids=eos_token_ids, lanes=lanes)
+                               max_model_len=cfg.max_position_embeddings, eos_token_ids=eos_token_ids, lanes=lanes,
+                               vocab_size=cfg.vocab_size)
         self.step_timeout_s = step_timeout_s
         self.steps = 0
         self.failed: str | None = None
@@ -116,9 +116,6 @@ class Engine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         if self.failed is not None:
             raise ReplicaUnavailable(f"{self.name} is out of service: {self.failed}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the model's vocabulary of {self.cfg.vocab_size}")
         seq_id = next(self._ids)
         self.sched.add(seq_id, prompt_ids, params)
         queue: asyncio.Queue = asyncio.Queue()

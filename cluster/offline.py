@@ -46,18 +46,25 @@ def blocks_needed(requests: list[Request], block_size: int) -> int:
     return sum(-(-(len(r.prompt_ids) + r.params.max_tokens) // block_size) for r in requests)
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, max_len: int, vocab_size: int | None = None) -> None:
+    """Raises RequestError when the model could never run this request."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    if len(prompt_ids) + params.max_tokens > max_len:
+        raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                           f"model's context of {max_len} tokens; lower max_tokens or shorten the prompt")
+    bad = [] if vocab_size is None else [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab_size}; "
+                           f"does the tokenizer belong to this model?")
+
+
 def check_requests(requests: list[Request], max_len: int, vocab_size: int) -> None:
     for i, r in enumerate(requests):
-        if not r.prompt_ids:
-            raise RequestError(f"request {i}: the prompt is empty")
-        if len(r.prompt_ids) + r.params.max_tokens > max_len:
-            raise RequestError(f"request {i}: prompt ({len(r.prompt_ids)} tokens) + max_tokens "
-                               f"({r.params.max_tokens}) exceeds the model's context of {max_len} tokens; "
-                               f"lower max_tokens or shorten the prompt")
-        bad = [t for t in r.prompt_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise RequestError(f"request {i}: token ids {bad[:5]} are outside the model's vocabulary of "
-                               f"{vocab_size}; does the tokenizer belong to this model?")
+        try:
+            check_request(r.prompt_ids, r.params, max_len, vocab_size)
+        except RequestError as e:
+            raise RequestError(f"request {i}: {e}") from None
 
 
 def generate(replica: Replica, requests: list[Request], eos_token_ids: frozenset[int], *,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.offline import RequestError
+from cluster.offline import RequestError, check_request
 from shard.sampler import Sample, SamplingParams, stop_reason
 from shard.worker import SeqChunk, StepInput
 
@@ -97,7 +97,7 @@ class TokenUpdate:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_num_seqs: int, max_tokens_per_step: int,
-                 max_model_len: int, eos_token_ids: frozenset[int], lanes: int = 1):
+                 max_model_len: int, eos_token_ids: frozenset[int], lanes: int = 1, vocab_size: int | None = None):
         if max_tokens_per_step < max_num_seqs:
             raise ValueError(f"max_tokens_per_step ({max_tokens_per_step}) must be at least max_num_seqs "
                              f"({max_num_seqs}): a step must hold one decode token of every running sequence")
@@ -107,7 +107,7 @@ class Scheduler:
         self.pools = [BlockManager(range(i * share, (i + 1) * share), block_size) for i in range(lanes)]
         self.num_blocks, self.block_size = share * lanes, block_size
         self.max_num_seqs, self.max_tokens_per_step = max_num_seqs, max_tokens_per_step
-        self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
+        self.max_model_len, self.eos_token_ids, self.vocab_size = max_model_len, eos_token_ids, vocab_size
         self.seqs: dict[int, Sequence] = {}
         self._waiting: list[deque[Sequence]] = [deque() for _ in range(lanes)]
         self._running: list[list[Sequence]] = [[] for _ in range(lanes)]  # in arrival order
@@ -137,13 +137,8 @@ class Scheduler:
         """Queues a sequence; raises RequestError when it could never run on this replica."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} is already scheduled")
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
+        check_request(prompt_ids, params, self.max_model_len, self.vocab_size)
         total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                               f"the model's context of {self.max_model_len} tokens; lower max_tokens or shorten "
-                               f"the prompt")
         pool = self.pools[0]
         if pool.blocks_for(total) > pool.num_blocks:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
