@@ -30,6 +30,17 @@ local_cluster:                # only without an address: a local Ray cluster tha
   nodes: 2                    # simulated nodes
   gpus_per_node: null         # null: just enough for the layout, whole TP groups per node
   cpus_per_node: 1            # CPUs each simulated node advertises to Ray
+router:                       # the gRPC front door (caravan.v1 Inference and Admin, grpc.health.v1, reflection)
+  host: 127.0.0.1             # address to listen on; 0.0.0.0 (or [::]) to take connections from other hosts
+  port: 50051                 # gRPC port; 0 picks a free one
+  metrics_port: 9464          # Prometheus /metrics; 0 picks a free one, null turns it off
+  max_in_flight: 256          # requests admitted at once (streaming or queued); more get RESOURCE_EXHAUSTED
+  max_message_bytes: 4MiB     # largest request the transport accepts; fields have their own limits inside it
+  drain_grace_s: 30.0         # on SIGTERM or Admin.Drain: how long in-flight requests get to finish
+  auth_token_file: null       # a file holding the bearer token every RPC must carry; null: only Admin RPCs
+                              # need one, generated into ~/.caravan/auth_token
+  tls_cert_file: null         # PEM certificate chain; with tls_key_file the router speaks TLS only
+  tls_key_file: null          # PEM private key of tls_cert_file
 address: null                 # an existing Ray cluster ("auto" or "host:port"); null: start a local one
 name: caravan                 # the Serve application name; actor names start with it
 ```
@@ -170,6 +181,22 @@ class LocalClusterSection:
         return -(-per_node // layout.tp) * layout.tp
 
 
+_PORT: Rule = (lambda v: 0 <= v <= 65535, "use a port number from 0 to 65535 (0 picks a free one)")
+
+
+@dataclass(frozen=True)
+class RouterSection:
+    host: str = _rule("127.0.0.1", _NOT_EMPTY)
+    port: int = _rule(50051, _PORT)
+    metrics_port: int | None = _rule(9464, _PORT)
+    max_in_flight: int = _rule(256, _AT_LEAST_1)
+    max_message_bytes: int = _rule(4 * 2**20, (lambda v: v >= 2**10, "use at least 1KiB"), _bytes)
+    drain_grace_s: float = _rule(30.0, (lambda v: math.isfinite(v) and v >= 0, "use a finite number of seconds >= 0"))
+    auth_token_file: str | None = _rule(None, _NOT_EMPTY, _path)
+    tls_cert_file: str | None = _rule(None, _NOT_EMPTY, _path)
+    tls_key_file: str | None = _rule(None, _NOT_EMPTY, _path)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -180,6 +207,7 @@ class ServeConfig:
     timeouts: TimeoutsSection = field(default_factory=TimeoutsSection)
     shard: ShardSection = field(default_factory=ShardSection)
     local_cluster: LocalClusterSection = field(default_factory=LocalClusterSection)
+    router: RouterSection = field(default_factory=RouterSection)
     address: str | None = _rule(None, _NOT_EMPTY)
     name: str = _rule("caravan", _APP_NAME)
 
@@ -191,6 +219,11 @@ class ServeConfig:
             raise ConfigError("scheduler.max_tokens_per_step", (
                 f"got {budget}, below scheduler.max_num_seqs={seqs}; a step must fit a decode of every running "
                 f"sequence: raise scheduler.max_tokens_per_step to at least {seqs} or lower scheduler.max_num_seqs"))
+        if (self.router.tls_cert_file is None) != (self.router.tls_key_file is None):
+            given, missing = (("tls_cert_file", "tls_key_file") if self.router.tls_key_file is None
+                              else ("tls_key_file", "tls_cert_file"))
+            raise ConfigError(f"router.{missing}", f"router.{given} is set but router.{missing} is not; TLS needs "
+                                                   "both the certificate chain and its private key (or neither)")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServeConfig:

@@ -39,6 +39,16 @@ local_cluster:
   nodes: 4
   gpus_per_node: 8
   cpus_per_node: 16
+router:
+  host: 0.0.0.0
+  port: 8443
+  metrics_port: 0
+  max_in_flight: 1000
+  max_message_bytes: 16MiB
+  drain_grace_s: 5
+  auth_token_file: secrets/token
+  tls_cert_file: tls/cert.pem
+  tls_key_file: tls/key.pem
 address: "10.0.0.1:6379"
 name: llama-70b
 """
@@ -84,6 +94,8 @@ def test_full_file_sets_every_key(tmp_path):
     assert (cfg.shard.device, cfg.shard.cpu_threads) == ("cuda", 4)
     assert cfg.local_cluster == LocalClusterSection(nodes=4, gpus_per_node=8, cpus_per_node=16)
     assert (cfg.address, cfg.name) == ("10.0.0.1:6379", "llama-70b")
+    assert cfg.router.tls_key_file == str((tmp_path / "tls" / "key.pem").resolve())
+    assert (cfg.router.port, cfg.router.max_message_bytes, cfg.router.drain_grace_s) == (8443, 16 * 2**20, 5)
     # Every key differs from its default, so none of them was silently ignored.
     defaults = ServeConfig().to_dict()
     for section, values in cfg.to_dict().items():
@@ -126,6 +138,12 @@ def test_memory_per_shard_units(tmp_path, text, size):
      ["scheduler.max_num_seq: unknown key", "did you mean scheduler.max_num_seqs?",
       "valid keys of scheduler: max_num_seqs, max_tokens_per_step"]),
     ("layout:\n  zz: 1\n", ["layout.zz: unknown key; valid keys of layout: tp, pp"]),
+    ("router:\n  port: 70000\n", ["router.port: got 70000; use a port number from 0 to 65535"]),
+    ("router:\n  max_in_flight: 0\n", ["router.max_in_flight: got 0; use an integer >= 1"]),
+    ("router:\n  max_message_bytes: 100\n", ["router.max_message_bytes: got 100; use at least 1KiB"]),
+    ("router:\n  drain_grace_s: -1\n", ["router.drain_grace_s: got -1; use a finite number of seconds >= 0"]),
+    ("router:\n  tls_cert_file: cert.pem\n",
+     ["router.tls_key_file: router.tls_cert_file is set but router.tls_key_file is not"]),
     # Strict types.
     ("layout:\n  tp: true\n", ["layout.tp: got True (bool); use an integer >= 1"]),
     ("layout:\n  pp: '3'\n", ["layout.pp: got '3' (str); use an integer >= 1"]),
