@@ -1,4 +1,5 @@
-"""`caravan`: the command line. Subcommands: generate (offline, local processes) and plan."""
+"""`caravan`: the command line. Subcommands: generate (offline, local processes), serve, plan, and the
+clients of a running router: chat, complete, status, scale (their gRPC side is cluster/client.py)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,39 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--files", action="store_true", help="list the checkpoint files each rank opens")
     plan.set_defaults(run=_plan)
 
+    chat = sub.add_parser("chat", help="talk with the model served by a running router (one line, one turn)",
+                          description="Reads user turns from stdin, one per line, and streams each reply. The "
+                                      "whole conversation is sent with each turn. /reset forgets it, /exit or "
+                                      "end of input ends the chat.")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
+    _sampling_args(chat)
+    _router_args(chat)
+    chat.set_defaults(run=_chat)
+
+    comp = sub.add_parser("complete", help="stream the model's completion of one prompt from a running router")
+    comp.add_argument("prompt", help="the prompt text, sent as is (no chat template) unless --chat")
+    comp.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat template "
+                                                          "applied by the router)")
+    comp.add_argument("--json", action="store_true", help="print one JSON object at the end (text, token ids, "
+                                                          "finish reason, usage) instead of streaming text")
+    comp.add_argument("--logprobs", action="store_true", help="with --json: also each token's log-probability")
+    _sampling_args(comp)
+    _router_args(comp)
+    comp.set_defaults(run=_complete)
+
+    stat = sub.add_parser("status", help="a running router's state: queue, replicas, their shards")
+    stat.add_argument("--json", action="store_true", help="print the Admin.Status answer as JSON")
+    _router_args(stat)
+    stat.set_defaults(run=_status)
+
+    scale = sub.add_parser("scale", help="set the number of replicas of a running router")
+    scale.add_argument("replicas", type=_int32, help="replicas wanted, >= 1")
+    _router_args(scale)
+    scale.set_defaults(run=_scale)
+
     args = parser.parse_args(argv)
+    if args.command == "complete" and args.logprobs and not args.json:
+        comp.error("--logprobs needs --json (streamed text has nowhere to put them)")
     try:
         return args.run(args)
     except USER_ERRORS as e:
@@ -73,6 +106,49 @@ def _model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> N
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: ranks per stage (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree: stages (default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=dtype_default, help=f"default {dtype_default}")
+
+
+def _router_args(p: argparse.ArgumentParser) -> None:
+    from cluster.client import DEFAULT_SERVER, UNARY_TIMEOUT_S
+
+    p.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT",
+                   help=f"the router's gRPC address (default {DEFAULT_SERVER})")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"deadline of each call (default {UNARY_TIMEOUT_S:g} s for status and scale, none for "
+                        "streamed generation)")
+    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                   help="file holding the router's bearer token (default: $CARAVAN_AUTH_TOKEN, else "
+                        "~/.caravan/auth_token if it exists, else no token)")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="PATH",
+                   help="PEM bundle of the CA that signed the router's certificate; connects with TLS "
+                        "(default: plaintext)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=_int32, default=None, help="tokens to generate at most (default: the "
+                                                                   "router's, 256 or what the context leaves)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="softmax temperature; 0 is greedy. Default 0 here, so answers are reproducible (the "
+                        "router's own default is 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    p.add_argument("--top-k", type=_int32, default=None, help="sample from the k likeliest tokens (default: all)")
+    p.add_argument("--seed", type=_uint64, default=None, help="seed for reproducible sampling (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains this (not included); repeatable")
+
+
+def _int32(text: str) -> int:
+    value = int(text)
+    if not -2**31 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} does not fit in 32 bits")
+    return value
+
+
+def _uint64(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 2**64)")
+    return value
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -192,6 +268,46 @@ async def _answer_once(client, model_dir: str, prompt: str, max_tokens: int) -> 
     print(detok.flush())
     print(f"[{n} tokens, {n / (time.perf_counter() - start):.1f} tokens/s through the cluster]", file=sys.stderr)
     return 0
+
+
+def _options(args: argparse.Namespace):
+    from cluster.client import Options
+
+    return Options(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, stop=tuple(args.stop), logprobs=getattr(args, "logprobs", False))
+
+
+def _connect(args: argparse.Namespace, body) -> int:
+    from cluster.client import run
+
+    return run(args.command, args.server, body, token_file=args.token_file, tls_ca=args.tls_ca,
+               timeout=args.timeout, err=sys.stderr)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from cluster.client import chat
+
+    return _connect(args, lambda router: chat(router, _options(args), system=args.system, stdin=sys.stdin,
+                                              out=sys.stdout, err=sys.stderr))
+
+
+def _complete(args: argparse.Namespace) -> int:
+    from cluster.client import complete
+
+    return _connect(args, lambda router: complete(router, args.prompt, _options(args), as_chat=args.chat,
+                                                  as_json=args.json, out=sys.stdout, err=sys.stderr))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.client import status
+
+    return _connect(args, lambda router: status(router, as_json=args.json, out=sys.stdout))
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from cluster.client import scale
+
+    return _connect(args, lambda router: scale(router, args.replicas, out=sys.stdout))
 
 
 def _plan(args: argparse.Namespace) -> int:
