@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                           "2 nodes); every key is listed in cluster/config.py")
     srv.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
                                                      "config's address or a local one")
+    srv.add_argument("--port", type=int, default=None, help="the router's gRPC port (default: router.port, 50051)")
     srv.add_argument("--once", metavar="PROMPT", default=None,
-                     help="answer this chat prompt through the replicas, then shut down (a smoke test)")
+                     help="answer this chat prompt through the router's gRPC API, then drain and exit (a smoke test)")
     srv.add_argument("--max-tokens", type=int, default=64, help="with --once: tokens to generate at most")
     srv.set_defaults(run=_serve)
 
@@ -217,10 +218,10 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import dataclasses
     import logging
-    import signal
 
+    from cluster.backends import ServeBackend
     from cluster.config import ServeConfig
-    from cluster.launch import model_dir_for, ray_cluster
+    from cluster.launch import model_dir_for, ray_cluster, run_router
     from cluster.placement import format_places
     from cluster.serve import deploy
 
@@ -229,85 +230,23 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     if args.address:
         config = dataclasses.replace(config, address=args.address)
+    if args.port is not None:
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, port=args.port))
     model_dir = model_dir_for(config, source)
     with ray_cluster(config) as (address, dashboard):
         start = time.perf_counter()
         client = deploy(config, model_dir)
-        infos = asyncio.run(client.infos())
-        for info in infos:
+        for info in asyncio.run(client.infos()):
             print(f"replica {info.name}: {info.stats.num_blocks} KV blocks\n{format_places(info.shards)}",
                   file=sys.stderr)
         print(f"serving {Path(model_dir).name} as {config.replicas} replica(s) of TP {config.layout.tp} x PP "
               f"{config.layout.pp} on Ray at {address} (up in {time.perf_counter() - start:.1f} s); "
               f"dashboard {dashboard or 'off'}", file=sys.stderr)
-        if args.once is not None:
-            return asyncio.run(_answer_once(client, model_dir, args.once, args.max_tokens))
-        stop = asyncio.Event()
 
-        async def wait() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-
-        print("Ctrl-C or SIGTERM stops it", file=sys.stderr)
-        asyncio.run(wait())
-    return 0
-
-
-async def _answer_once(client, model_dir: str, prompt: str, max_tokens: int) -> int:
-    from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
-
-    tok = Tokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
-    detok = IncrementalDetokenizer(tok)
-    start, n = time.perf_counter(), 0
-    async for update in client.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens)):
-        n += 1
-        print(detok.push(update.sample.token_id), end="", flush=True)
-    print(detok.flush())
-    print(f"[{n} tokens, {n / (time.perf_counter() - start):.1f} tokens/s through the cluster]", file=sys.stderr)
-    return 0
-
-
-def _options(args: argparse.Namespace):
-    from cluster.client import Options
-
-    return Options(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, stop=tuple(args.stop), logprobs=getattr(args, "logprobs", False))
-
-
-def _connect(args: argparse.Namespace, body) -> int:
-    from cluster.client import run
-
-    return run(args.command, args.server, body, token_file=args.token_file, tls_ca=args.tls_ca,
-               timeout=args.timeout, err=sys.stderr)
-
-
-def _chat(args: argparse.Namespace) -> int:
-    from cluster.client import chat
-
-    return _connect(args, lambda router: chat(router, _options(args), system=args.system, stdin=sys.stdin,
-                                              out=sys.stdout, err=sys.stderr))
-
-
-def _complete(args: argparse.Namespace) -> int:
-    from cluster.client import complete
-
-    return _connect(args, lambda router: complete(router, args.prompt, _options(args), as_chat=args.chat,
-                                                  as_json=args.json, out=sys.stdout, err=sys.stderr))
-
-
-def _status(args: argparse.Namespace) -> int:
-    from cluster.client import status
-
-    return _connect(args, lambda router: status(router, as_json=args.json, out=sys.stdout))
-
-
-def _scale(args: argparse.Namespace) -> int:
-    from cluster.client import scale
-
-    return _connect(args, lambda router: scale(router, args.replicas, out=sys.stdout))
+        async def front_door() -> int:
+            backend = ServeBackend(config, model_dir)
+            return await run_router(config, model_dir, backend, once=args.once, max_tokens=args.max_tokens)
+        return asyncio.run(front_door())
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -9,9 +9,11 @@ on: the local cluster is started with it, and a token is created in ~/.ray/auth_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -80,3 +82,61 @@ def _enable_token_auth() -> None:
         token.parent.mkdir(parents=True, exist_ok=True)
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
+
+
+async def run_router(config: ServeConfig, model_dir: str, backend, *, once: str | None = None,
+                     max_tokens: int = 64) -> int:
+    """Serves the gRPC router until SIGINT, SIGTERM or Admin.Drain has drained it (exit code 0).
+    With `once`, asks the router itself for one chat answer over gRPC, prints it, and drains."""
+    import signal
+
+    from cluster.router import build_router
+
+    router = build_router(config, model_dir, backend)
+    await router.start()
+    where = f"{config.router.host}:{router.port}"
+    print(f"router: caravan.v1 on {where} ({'TLS' if config.router.tls_cert_file else 'plaintext'}), health and "
+          f"reflection on; metrics {f'on :{router.metrics_port}/metrics' if router.metrics_port else 'off'}",
+          file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: loop.create_task(router.drain()))
+    if once is not None:
+        try:
+            await _ask_once(where, once, max_tokens, router)
+        finally:
+            await router.drain(0)
+        return 0
+    print(f"try: caravan chat --server {where}   (Ctrl-C or SIGTERM drains and stops)", file=sys.stderr, flush=True)
+    await router.stopped.wait()
+    return 0
+
+
+async def _ask_once(where: str, prompt: str, max_tokens: int, router) -> None:
+    """One streamed chat answer through the router's own gRPC port: the path a client takes."""
+    import grpc
+
+    from caravan.v1 import inference_pb2 as pb
+    from caravan.v1 import inference_pb2_grpc
+
+    deadline = time.monotonic() + router.config.timeouts.setup_s
+    while not router.serving:  # the first replica report may still be on its way
+        if time.monotonic() > deadline:
+            raise RuntimeError("no replica became healthy; see `caravan status` and the Ray dashboard")
+        await asyncio.sleep(0.1)
+    target = where.replace("0.0.0.0", "127.0.0.1")
+    if router.rc.tls_cert_file is not None:
+        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(router.rc.tls_cert_file).read_bytes()))
+    else:
+        channel = grpc.aio.insecure_channel(target)
+    metadata = (("authorization", f"Bearer {router.admin_token}"),)
+    async with channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=prompt)]),
+                                     sampling=pb.SamplingParams(temperature=0), max_tokens=max_tokens)
+        async for response in stub.Generate(request, metadata=metadata):
+            print(response.text, end="", flush=True)
+            if response.HasField("usage"):
+                u = response.usage
+                print(f"\n[{u.completion_tokens} tokens through gRPC, first after {u.time_to_first_token_s:.2f} s, "
+                      f"{u.completion_tokens / max(u.total_time_s, 1e-9):.1f} tokens/s]", file=sys.stderr)

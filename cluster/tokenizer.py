@@ -58,6 +58,10 @@ class Tokenizer:
         return self._hf.bos_token_id
 
     @property
+    def has_chat_template(self) -> bool:
+        return bool(self._hf.chat_template)
+
+    @property
     def vocab_size(self) -> int:
         """Every id the tokenizer can produce, added special tokens included (Llama 3.1: 128,256)."""
         return len(self._hf)

@@ -1,0 +1,79 @@
+"""What the router talks to: the replicas of a Ray Serve application, or one engine in this process.
+
+`ServeBackend` is production: requests go through Serve's handle (its request router picks the
+replica with the most free capacity), reports come from the registry actor, and scaling changes the
+application's replica count. `LocalBackend` runs one engine over an in-process shard, so the
+router's own behaviour (validation, admission, streaming, cancellation) is tested and benchmarked
+without a Ray cluster in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+from cluster.config import ServeConfig
+from cluster.engine import Engine
+from cluster.scheduler import TokenUpdate
+from shard.sampler import SamplingParams
+
+
+class ServeBackend:
+    def __init__(self, config: ServeConfig, model_dir: str):
+        from cluster.serve import ReplicaClient
+        self.config, self.model_dir = config, model_dir
+        self.client = ReplicaClient(config.name)
+        self._target = config.replicas
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
+        return self.client.generate(prompt_ids, params)
+
+    async def infos(self) -> list:
+        return await self.client.infos()
+
+    async def scale(self, replicas: int) -> int:
+        from cluster.serve import scale
+        before = await asyncio.to_thread(scale, self.config, self.model_dir, replicas)
+        self._target = replicas
+        return before
+
+    def target_replicas(self) -> int:
+        return self._target
+
+    async def close(self) -> None:
+        """The replicas stay up: they belong to the Serve application, not to this router."""
+
+
+class LocalBackend:
+    """One engine in this process, reported the way a Serve replica reports itself (an idle engine
+    is probed with a one-token request, as `ReplicaServer.check_health` does)."""
+
+    def __init__(self, engine: Engine, *, probe_after_s: float = 1.0, name: str = "local"):
+        self.engine, self.name, self.probe_after_s = engine, name, probe_after_s
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
+        return self.engine.generate(prompt_ids, params)
+
+    async def infos(self) -> list:
+        from cluster.engine import probe
+        from cluster.serve import ReplicaInfo
+        stats = self.engine.stats()
+        idle = stats.running == stats.waiting == 0
+        if stats.failed is None and idle and time.monotonic() - self.engine.last_progress > self.probe_after_s:
+            await probe(self.engine)
+            stats = self.engine.stats()
+        age = time.monotonic() - self.engine.last_progress
+        return [ReplicaInfo(self.name, [], stats, progress_age_s=age, shard_healthy=[])]
+
+    async def scale(self, replicas: int) -> int:
+        from cluster.placement import PlacementError
+        if replicas != 1:
+            raise PlacementError("an in-process backend has exactly one replica; serve on Ray to scale")
+        return 1
+
+    def target_replicas(self) -> int:
+        return 1
+
+    async def close(self) -> None:
+        await self.engine.close()

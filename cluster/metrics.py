@@ -1,0 +1,73 @@
+"""The router's Prometheus metrics, in a registry of its own (so tests can run several routers in
+one process) and served on `router.metrics_port` at /metrics.
+
+Latency buckets span a CPU demo (seconds per token) to an H100 node (milliseconds per token).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("caravan_requests", "Finished RPCs, by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.in_flight = Gauge("caravan_in_flight_requests", "Generate requests admitted and not finished",
+                               registry=r)
+        self.queue_depth = Gauge("caravan_queue_depth", "Admitted Generate requests that have no token yet",
+                                 registry=r)
+        self.ttft = Histogram("caravan_time_to_first_token_seconds", "Request received to first token sent",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("caravan_time_per_output_token_seconds",
+                              "Mean time between output tokens of a finished request", buckets=_TPOT_BUCKETS,
+                              registry=r)
+        self.prompt_tokens = Counter("caravan_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("caravan_generated_tokens", "Tokens streamed to clients", registry=r)
+        self.tokens_per_second = Gauge("caravan_generated_tokens_per_second",
+                                       "Tokens streamed per second over the last health period", registry=r)
+        self.running = Gauge("caravan_running_sequences", "Sequences in a replica's running batch", ["replica"],
+                             registry=r)
+        self.waiting = Gauge("caravan_waiting_sequences", "Sequences waiting for KV blocks or a batch slot",
+                             ["replica"], registry=r)
+        self.kv_usage = Gauge("caravan_kv_cache_usage_ratio", "Fraction of a replica's KV blocks in use", ["replica"],
+                              registry=r)
+        self.replica_serving = Gauge("caravan_replica_serving", "1 while a replica makes progress, else 0",
+                                     ["replica"], registry=r)
+        self.serving = Gauge("caravan_serving", "1 while the router reports SERVING", registry=r)
+        self._generated = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self._replicas: set[str] = set()
+
+    def add_generated(self, tokens: int) -> None:
+        self._generated += tokens
+        self.generated_tokens.inc(tokens)
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics endpoint on a thread; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+    def observe_replicas(self, stats: dict[str, tuple[bool, int, int, int, int]]) -> None:
+        """stats: replica -> (serving, running, waiting, free blocks, total blocks). Replicas that are
+        gone lose their series, so dashboards do not show a dead replica's last numbers forever."""
+        for name in self._replicas - stats.keys():
+            for gauge in (self.running, self.waiting, self.kv_usage, self.replica_serving):
+                gauge.remove(name)
+        self._replicas = set(stats)
+        for name, (serving, running, waiting, free, total) in stats.items():
+            self.replica_serving.labels(name).set(int(serving))
+            self.running.labels(name).set(running)
+            self.waiting.labels(name).set(waiting)
+            self.kv_usage.labels(name).set(1 - free / total if total else 0)
+        now, tokens = time.monotonic(), self._generated
+        then, before = self._rate_mark
+        if now > then:
+            self.tokens_per_second.set((tokens - before) / (now - then))
+        self._rate_mark = (now, tokens)

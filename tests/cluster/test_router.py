@@ -1,0 +1,388 @@
+"""The gRPC router over an in-process SmolLM2 engine: what clients see (streaming, validation,
+admission, cancellation, deadlines, auth, health, metrics, drain), without a Ray cluster. The same
+behaviour on a real Ray cluster is `test_router_ray.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from caravan.v1 import admin_pb2 as apb
+from caravan.v1 import inference_pb2 as pb
+from caravan.v1 import inference_pb2_grpc
+from cluster.backends import LocalBackend
+from cluster.config import ServeConfig
+from cluster.engine import Engine, EngineStats, LocalExecutor
+from cluster.router import build_router
+from cluster.tokenizer import checkpoint_eos_ids
+from shard.layout import Layout
+from shard.parallel import ParallelContext
+from shard.worker import ShardWorker
+from tests.cluster.malformed import cases
+from tests.cluster.routerfixture import Clients, RouterThread
+from tests.conftest import LLAMA31_TOKENIZER
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+NUM_BLOCKS, BLOCK = 512, 16
+
+
+def chat(text: str, **kw) -> pb.GenerateRequest:
+    return pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=text)]), **kw)
+
+
+@pytest.fixture(scope="module")
+def worker(smollm2_dir):
+    return ShardWorker(smollm2_dir, ParallelContext(Layout()), num_blocks=NUM_BLOCKS, block_size=BLOCK, progress=False)
+
+
+def local_router(model_dir, worker, tmp_path, **router):
+    config = ServeConfig.from_dict({"router": {"port": 0, "metrics_port": 0, **router},
+                                    "timeouts": {"health_check_period_s": 0.25, "step_s": 10}})
+
+    async def make():
+        engine = Engine(LocalExecutor(worker), worker.cfg, checkpoint_eos_ids(model_dir), num_blocks=NUM_BLOCKS,
+                        block_size=BLOCK, max_num_seqs=128, max_tokens_per_step=512, step_timeout_s=10)
+        r = build_router(config, str(model_dir), LocalBackend(engine, probe_after_s=0.25),
+                         default_token_file=tmp_path / "auth_token")
+        await r.start()
+        return r
+    return RouterThread(make)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_dir, worker, tmp_path_factory):
+    rt = local_router(smollm2_dir, worker, tmp_path_factory.mktemp("router"), max_in_flight=128)
+    clients = Clients(rt.channel(), rt.router.admin_token)
+    clients.wait_health(SERVING)
+    yield rt, clients
+    rt.close()
+
+
+def stream(clients: Clients, request: pb.GenerateRequest, **kw) -> list[pb.GenerateResponse]:
+    return list(clients.inference.Generate(request, timeout=60, **kw))
+
+
+def test_streamed_chat_answer_in_english_with_the_models_template(served):
+    rt, c = served
+    request = chat("What is the capital of France?", sampling=pb.SamplingParams(temperature=0), max_tokens=24,
+                   echo_prompt_ids=True)
+    responses = stream(c, request)
+    text = "".join(r.text for r in responses)
+    assert "Paris" in text
+    assert len(responses) > 3  # streamed as sampled, not in one piece
+    last = responses[-1]
+    assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    ids = [t for r in responses for t in r.token_ids]
+    assert last.usage.completion_tokens == len(ids) and 0 < last.usage.time_to_first_token_s <= last.usage.total_time_s
+    # The prompt is the model's own ChatML template around the message.
+    templated = c.inference.Tokenize(pb.TokenizeRequest(chat=request.chat)).token_ids
+    assert list(responses[0].prompt_token_ids) == list(templated) and last.usage.prompt_tokens == len(templated)
+    prompt_text = c.inference.Detokenize(pb.DetokenizeRequest(token_ids=templated)).text
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" in prompt_text
+    assert responses[0].request_id.startswith("req-")
+    # The streamed text is exactly the text of the streamed ids.
+    assert text == c.inference.Detokenize(pb.DetokenizeRequest(token_ids=ids, skip_special_tokens=True)).text
+
+
+def test_llama31_chat_template_through_tokenize(tmp_path):
+    """A Llama 3.1 checkpoint gets its own template (header ids, eot), not ChatML."""
+    import shutil
+    from tests.synthetic import make_llama
+    folder = make_llama(tmp_path / "llama31", layers=1, heads=2, kv_heads=1, intermediate=32, vocab=128256)
+    for f in LLAMA31_TOKENIZER.iterdir():
+        shutil.copy(f, folder)
+    rt = RouterThread(_stub_router(folder, tmp_path))
+    try:
+        c = Clients(rt.channel(), rt.router.admin_token)
+        ids = c.inference.Tokenize(pb.TokenizeRequest(chat=pb.Chat(messages=[
+            pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hi")]))).token_ids
+        text = c.inference.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
+        assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+        assert text.endswith("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                             "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        info = c.inference.ModelInfo(pb.ModelInfoRequest())
+        assert (info.vocab_size, info.chat_template) == (128256, True)
+        assert 128009 in info.eos_token_ids  # <|eot_id|>, from the tokenizer; the rest from config.json
+    finally:
+        rt.close()
+
+
+def test_malformed_requests_get_documented_codes_naming_the_field(served):
+    rt, c = served
+    suite = cases(rt.router.limits.context_length, rt.router.limits.vocab_size)
+    assert len(suite) >= 200
+    for case in suite:
+        call = (c.channel.unary_stream if case.method.endswith("/Generate") else c.channel.unary_unary)(
+            case.method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            result = call(case.request, timeout=30, metadata=c.auth if case.admin else None)
+            if case.method.endswith("/Generate"):
+                list(result)
+        assert (e.value.code(), e.value.details().split(":")[0]) == (case.code, case.field), case.name
+    # Still up, nothing queued or leaked.
+    assert "Paris" in "".join(r.text for r in stream(c, chat("What is the capital of France?", max_tokens=16,
+                                                              sampling=pb.SamplingParams(temperature=0))))
+    c.wait_all_blocks_free(timeout_s=2)
+    assert c.status().in_flight == 0
+
+
+def test_oversized_message_is_refused_by_the_transport(served):
+    rt, c = served
+    with pytest.raises(grpc.RpcError) as e:
+        list(c.inference.Generate(pb.GenerateRequest(prompt="a" * (rt.router.rc.max_message_bytes + 1)), timeout=10))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_stop_strings_stop_ids_and_logprobs(served):
+    rt, c = served
+    base = chat("Count from 1 to 20, separated by commas.", sampling=pb.SamplingParams(temperature=0),
+                max_tokens=60)
+    full = "".join(r.text for r in stream(c, base))
+    assert "5" in full
+    cut = stream(c, pb.GenerateRequest(chat=base.chat, sampling=base.sampling, max_tokens=60, stop=["5"]))
+    text = "".join(r.text for r in cut)
+    assert text == full[:full.index("5")] and cut[-1].finish_reason == pb.FINISH_REASON_STOP
+
+    ids = [t for r in stream(c, base) for t in r.token_ids]
+    stop_id = ids[3]
+    stopped = stream(c, pb.GenerateRequest(chat=base.chat, sampling=base.sampling, max_tokens=60,
+                                           stop_token_ids=[stop_id]))
+    got = [t for r in stopped for t in r.token_ids]
+    assert got == ids[:ids.index(stop_id) + 1] and stopped[-1].finish_reason == pb.FINISH_REASON_STOP
+
+    with_lp = stream(c, pb.GenerateRequest(chat=base.chat, sampling=base.sampling, max_tokens=8, logprobs=True,
+                                           top_logprobs=3))
+    lps = [lp for r in with_lp for lp in r.logprobs]
+    assert [lp.token_id for lp in lps] == [t for r in with_lp for t in r.token_ids]
+    # Greedy: the chosen token is the likeliest, so it heads its own top list.
+    assert all(len(lp.top) == 3 and lp.top[0].token_id == lp.token_id and lp.logprob <= 0 for lp in lps)
+    c.wait_all_blocks_free(timeout_s=2)
+
+
+def test_seeded_sampling_is_reproducible(served):
+    rt, c = served
+    request = chat("Tell me a story.", sampling=pb.SamplingParams(temperature=0.9, top_p=0.95, seed=42),
+                   max_tokens=16)
+    first = [t for r in stream(c, request) for t in r.token_ids]
+    assert first == [t for r in stream(c, request) for t in r.token_ids]
+
+
+def test_cancelled_streams_free_every_block_within_a_second(served):
+    rt, c = served
+
+    async def run() -> float:
+        async with grpc.aio.insecure_channel(rt.target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            calls = [stub.Generate(chat(f"Write a long essay about topic {i}.", max_tokens=400,
+                                        sampling=pb.SamplingParams(temperature=0.8, seed=i))) for i in range(100)]
+            # Every stream is under way (all fit one batch) before any is cancelled.
+            await asyncio.wait_for(asyncio.gather(*(call.read() for call in calls)), 120)
+            assert c.status().in_flight == 100
+            for call in calls:
+                call.cancel()
+            return time.monotonic()
+
+    cancelled_at = asyncio.run(run())
+    c.wait_all_blocks_free(timeout_s=5)
+    freed = time.monotonic() - cancelled_at  # an upper bound: Status sees the engine every half health period
+    print(f"100 cancelled streams: every KV block free {freed:.2f} s after the cancels")
+    assert freed <= 1.0
+    assert c.status().in_flight == 0
+
+
+def test_deadline_aborts_the_sequence(served):
+    rt, c = served
+    with pytest.raises(grpc.RpcError) as e:
+        list(c.inference.Generate(chat("Write a long essay.", max_tokens=500), timeout=0.5))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    c.wait_all_blocks_free(timeout_s=1)
+    assert c.status().in_flight == 0
+
+
+def test_overload_is_refused_at_once_and_accepted_requests_finish(served):
+    rt, c = served
+    limit = rt.router.rc.max_in_flight
+
+    async def run():
+        async with grpc.aio.insecure_channel(rt.target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def one(i):
+                start = time.monotonic()
+                try:
+                    n = 0
+                    async for r in stub.Generate(chat(f"Say hello {i}.", max_tokens=8)):
+                        n += len(r.token_ids)
+                    return "ok", n, time.monotonic() - start
+                except grpc.aio.AioRpcError as e:
+                    return e.code(), e.details(), time.monotonic() - start
+            return await asyncio.gather(*(one(i) for i in range(4 * limit)))
+
+    results = asyncio.run(run())
+    ok = [r for r in results if r[0] == "ok"]
+    refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(ok) + len(refused) == len(results)
+    assert limit <= len(ok) < len(results) and len(refused) >= 2 * limit
+    assert all(n >= 1 for _, n, _ in ok)
+    assert "router.max_in_flight=128" in refused[0][1]
+    assert max(t for *_, t in refused) < min(t for *_, t in ok)  # refused at once, not after waiting
+    c.wait_all_blocks_free(timeout_s=2)
+
+
+def test_admin_needs_the_token_and_health_does_not(served):
+    rt, c = served
+    with pytest.raises(grpc.RpcError) as e:
+        c.admin.Status(apb.StatusRequest(), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        c.admin.Status(apb.StatusRequest(), timeout=5, metadata=(("authorization", "Bearer wrong"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = c.status()
+    assert status.serving and len(status.replicas) == 1 and status.replicas[0].kv_blocks_total == NUM_BLOCKS
+    assert c.health_status() == SERVING  # no token needed: Kubernetes probes send none
+    assert c.inference.ModelInfo(pb.ModelInfoRequest()).model == "smollm2-135m-instruct"  # open without a token file
+
+
+def test_health_reflection_and_metrics(served):
+    rt, c = served
+    assert c.health_status("") == c.health_status("caravan.v1.Inference") == SERVING
+    assert c.health_status("caravan.replica.local") == SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+    answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"caravan.v1.Inference", "caravan.v1.Admin", "grpc.health.v1.Health"} <= names
+    stream(c, chat("Hi", max_tokens=4))
+    with pytest.raises(grpc.RpcError):
+        stream(c, chat("Hi", max_tokens=0))
+    time.sleep(0.3)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{rt.router.metrics_port}/metrics", timeout=5).read().decode()
+    for name in ("caravan_queue_depth", "caravan_running_sequences", "caravan_time_to_first_token_seconds_bucket",
+                 "caravan_time_per_output_token_seconds_bucket", "caravan_generated_tokens_per_second",
+                 "caravan_kv_cache_usage_ratio", 'caravan_replica_serving{replica="local"} 1.0',
+                 'caravan_requests_total{code="OK",method="Inference.Generate"}',
+                 'caravan_requests_total{code="INVALID_ARGUMENT",method="Inference.Generate"}'):
+        assert name in body, name
+
+
+# ---- without an engine: auth, health rules, drain ----
+
+@dataclass
+class FakeInfo:
+    name: str
+    stats: EngineStats
+    progress_age_s: float = 0.1
+    report_age_s: float = 0.0
+    shards: tuple = ()
+    shard_healthy: tuple = ()
+
+
+class StubBackend:
+    """Replica reports set by the test; generate streams nothing until released."""
+
+    def __init__(self):
+        self.reports: list[FakeInfo] = []
+        self.release = asyncio.Event()
+
+    async def generate(self, prompt_ids, params):
+        from cluster.scheduler import TokenUpdate
+        from shard.sampler import Sample
+        await self.release.wait()
+        yield TokenUpdate(0, Sample(72), "length")
+
+    async def infos(self):
+        return list(self.reports)
+
+    async def scale(self, replicas):
+        return 1
+
+    def target_replicas(self):
+        return 1
+
+    async def close(self):
+        self.release.set()
+
+
+def _stats(failed=None):
+    return EngineStats(num_blocks=8, free_blocks=8, running=0, waiting=0, steps=3, preemptions=0, queued_tokens=0,
+                       failed=failed)
+
+
+def _stub_router(model_dir, tmp_path, backend=None, **router):
+    config = ServeConfig.from_dict({"router": {"port": 0, "metrics_port": None, **router},
+                                    "timeouts": {"health_check_period_s": 0.1, "step_s": 1}})
+
+    async def make():
+        r = build_router(config, str(model_dir), backend or StubBackend(), default_token_file=tmp_path / "token")
+        await r.start()
+        return r
+    return make
+
+
+def test_bearer_token_guards_every_rpc_but_health(smollm2_dir, tmp_path):
+    (tmp_path / "secret").write_text("s3cret\n")
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, auth_token_file=str(tmp_path / "secret")))
+    try:
+        c = Clients(rt.channel(), "s3cret")
+        for call in (lambda md: c.inference.ModelInfo(pb.ModelInfoRequest(), metadata=md, timeout=5),
+                     lambda md: c.inference.Tokenize(pb.TokenizeRequest(text="hi"), metadata=md, timeout=5),
+                     lambda md: list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), metadata=md, timeout=5)),
+                     lambda md: c.admin.Status(apb.StatusRequest(), metadata=md, timeout=5)):
+            for md in (None, (("authorization", "Bearer nope"),), (("authorization", "s3cret"),)):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(md)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert c.inference.Tokenize(pb.TokenizeRequest(text="hi"), metadata=c.auth).token_ids
+        assert c.health_status() == NOT_SERVING  # answered without a token; no replica reports yet
+    finally:
+        rt.close()
+
+
+def test_health_follows_replica_progress(smollm2_dir, tmp_path):
+    backend = StubBackend()
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
+    try:
+        c = Clients(rt.channel(), rt.router.admin_token)
+        assert c.health_status() == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no replica is serving" in e.value.details()
+        backend.reports = [FakeInfo("a", _stats()), FakeInfo("b", _stats())]
+        c.wait_health(SERVING, timeout_s=2)
+        c.wait_health(SERVING, "caravan.replica.b", timeout_s=2)
+        backend.reports = [FakeInfo("a", _stats("rank 1 died")), FakeInfo("b", _stats(), progress_age_s=60)]
+        c.wait_health(NOT_SERVING, timeout_s=2)
+        assert c.health_status("caravan.replica.a") == c.health_status("caravan.replica.b") == NOT_SERVING
+        errors = {r.name: r.error for r in c.status().replicas}
+        assert errors["a"] == "rank 1 died" and errors["b"].startswith("no progress for")
+        backend.reports = [FakeInfo("b", _stats())]
+        c.wait_health(SERVING, timeout_s=2)
+    finally:
+        rt.close()
+
+
+def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
+    backend = StubBackend()
+    backend.reports = [FakeInfo("a", _stats())]
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
+    c = Clients(rt.channel(), rt.router.admin_token)
+    c.wait_health(SERVING, timeout_s=2)
+    in_flight = c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+    while rt.router.in_flight == 0:
+        time.sleep(0.01)
+    assert c.admin.Drain(apb.DrainRequest(grace_period_s=5), metadata=c.auth).in_flight == 1
+    c.wait_health(NOT_SERVING, timeout_s=2)
+    with pytest.raises(grpc.RpcError) as e:
+        list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
+    rt.loop.call_soon_threadsafe(backend.release.set)
+    assert [r.token_ids[0] for r in in_flight] == [72]  # the request in flight still finished
+    rt.call(rt.router.stopped.wait(), timeout_s=5)
+    rt.close()
