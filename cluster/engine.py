@@ -12,12 +12,15 @@ whoever owns it (Ray Serve, through the health check).
 
 API, for the router and for tests: `generate(prompt_ids, params)` is an async iterator of
 `TokenUpdate`s; leaving it early (break, cancellation, client gone) aborts the sequence, whose
-blocks are free at the next step. `abort(request_id)` does the same from elsewhere.
+blocks are free at the next step. `abort(request_id)` does the same from elsewhere. `last_progress`
+is when a step last completed; `probe(engine)` runs a one-token request through an idle engine to
+show that it still can (a health check's real forward pass, where a ping proves only a live process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
@@ -85,9 +88,10 @@ class EngineStats:
     free_blocks: int
     running: int
     waiting: int
-    steps: int
+    steps: int                 # includes the one-token steps of health probes (at most one per idle check)
     preemptions: int
     failed: str | None
+    queued_tokens: int         # prompt tokens not yet prefilled: work owed beyond what the blocks show
 
 
 class Engine:
@@ -101,6 +105,7 @@ class Engine:
                                vocab_size=cfg.vocab_size)
         self.step_timeout_s = step_timeout_s
         self.steps = 0
+        self.last_progress = time.monotonic()   # when a step last completed (or the engine started)
         self.failed: str | None = None
         self._ids = itertools.count()
         self._streams: dict[int, asyncio.Queue] = {}
@@ -111,7 +116,7 @@ class Engine:
     def stats(self) -> EngineStats:
         s = self.sched
         return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
-                           s.preemptions, self.failed)
+                           s.preemptions, self.failed, s.queued_tokens)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         if self.failed is not None:
@@ -152,8 +157,13 @@ class Engine:
         await self.executor.close()
 
     def _ensure_loop(self) -> None:
+        """Starts the loop in a context of its own, not the first request's: in a Ray async actor
+        the context holds the current task's id, so every shard call of a loop that inherited it
+        would be that request's child, and cancelling the request (Ray cancels recursively) would
+        cancel the steps of every request and fail the engine."""
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-engine")
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-engine",
+                                                                     context=contextvars.Context())
 
     async def _run(self) -> None:
         in_flight: deque[tuple[Batch, asyncio.Future]] = deque()
@@ -175,6 +185,7 @@ class Engine:
                     raise ReplicaFailed(f"a step of {len(batch.seqs)} sequences ({batch.num_tokens} tokens) ran past "
                                         f"the {self.step_timeout_s:g} s step timeout", retryable=False) from None
                 self.steps += 1
+                self.last_progress = time.monotonic()
                 for update in self.sched.update(batch, out.samples):
                     queue = self._streams.get(update.seq_id)
                     if queue is not None:
@@ -204,3 +215,18 @@ class Engine:
             queue.put_nowait(cls(f"{self.name} failed: {reason}", retryable))
         self._streams.clear()
         self.sched.fail_all()
+
+
+async def probe(engine: Engine, timeout_s: float | None = None) -> None:
+    """One greedy token from a one-token prompt, through the whole engine (scheduler, every shard,
+    sampling): what an idle replica runs to show it can still serve. Raises `ReplicaFailed` or
+    `TimeoutError` (after `timeout_s`, by default the step timeout) when it cannot. It is an
+    ordinary request, so it counts in `steps`; a successful one moves `last_progress`."""
+    token = engine.cfg.bos_token_id if engine.cfg.bos_token_id is not None else 0
+    params = SamplingParams(temperature=0, max_tokens=1)
+
+    async def run() -> None:
+        async for _ in engine.generate([token], params):
+            pass
+
+    await asyncio.wait_for(run(), engine.step_timeout_s if timeout_s is None else timeout_s)

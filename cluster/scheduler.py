@@ -74,6 +74,14 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    @property
+    def prefill_left(self) -> int:
+        """Tokens to compute before this sequence decodes: all of a waiting one's context (a preempted
+        one recomputes its output too), what is left of a running one's prompt; 0 once it decodes
+        (its one uncomputed token is the decode's input, not prefill work)."""
+        left = len(self.token_ids) - self.num_computed
+        return 0 if self.running and self.output_ids and left == 1 else left
+
 
 @dataclass
 class Batch:
@@ -129,6 +137,12 @@ class Scheduler:
     @property
     def num_free_blocks(self) -> int:
         return sum(p.num_free for p in self.pools)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Prompt tokens not yet prefilled, over waiting and partially prefilled sequences: the work
+        this replica already owes, which a router subtracts from its free KV capacity."""
+        return sum(s.prefill_left for s in self.seqs.values() if not s.aborted)
 
     def has_work(self, lane: int) -> bool:
         return bool(self._waiting[lane] or self._running[lane])

@@ -5,11 +5,13 @@ requests."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
+import time
 
 import pytest
 
-from cluster.engine import Engine, LocalExecutor, ReplicaFailed, ReplicaUnavailable
+from cluster.engine import Engine, LocalExecutor, ReplicaFailed, ReplicaUnavailable, probe
 from cluster.offline import RequestError
 from shard.parallel import ParallelContext
 from shard.sampler import SamplingParams
@@ -156,3 +158,78 @@ def test_a_failed_or_stuck_step_fails_every_request_and_refuses_new_ones(worker,
     assert any(r.retryable for r in results[1:])         # those that never ran can go elsewhere
     assert ("step timeout" in str(results[0])) == hang
     assert stats.failed and stats.free_blocks == stats.num_blocks
+
+
+def test_a_probe_is_one_real_step_that_moves_progress_and_fails_with_the_engine(worker):
+    async def run():
+        engine = make_engine(worker)
+        started = engine.last_progress
+        await asyncio.sleep(0.01)
+        await probe(engine)
+        after = engine.stats()
+        moved = engine.last_progress > started
+        hung = Engine(FailingExecutor(worker, ok_steps=0, hang=True), worker.cfg, frozenset(), num_blocks=64,
+                      block_size=4, step_timeout_s=5.0)
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await probe(hung, timeout_s=0.2)
+        waited = time.monotonic() - began
+        await engine.close()
+        with pytest.raises(ReplicaUnavailable, match="out of service"):
+            await probe(engine)
+        await hung.close()
+        return after, moved, waited
+
+    after, moved, waited = asyncio.run(run())
+    assert moved and after.steps == 1 and after.free_blocks == after.num_blocks and after.queued_tokens == 0
+    assert waited < 1.0
+
+
+def test_stats_count_the_prompt_tokens_still_to_prefill(worker):
+    async def run():
+        engine = make_engine(worker)
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        streams = [engine.generate([5] * n, params) for n in (7, 9)]
+        first = [asyncio.ensure_future(s.__anext__()) for s in streams]
+        await asyncio.sleep(0)                # both added; the engine loop has not scheduled them yet
+        queued = engine.stats().queued_tokens
+        await asyncio.gather(*first)
+        decoding = engine.stats().queued_tokens
+        for s in streams:
+            await s.aclose()
+        await engine.close()
+        return queued, decoding
+
+    assert asyncio.run(run()) == (16, 0)
+
+
+REQUEST = contextvars.ContextVar("request", default=None)
+
+
+class ContextRecorder(LocalExecutor):
+    """Records what the `REQUEST` context variable holds where each step is sent."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.seen = set()
+
+    async def execute(self, step):
+        self.seen.add(REQUEST.get())
+        return await super().execute(step)
+
+
+def test_steps_run_outside_the_context_of_the_request_that_started_the_loop(worker):
+    # In a Ray async actor the context names the current task: a loop inheriting the first request's
+    # would make every shard call that request's child, and cancelling it would cancel them all.
+    async def run():
+        executor = ContextRecorder(worker)
+        engine = Engine(executor, worker.cfg, frozenset(), num_blocks=64, block_size=4)
+
+        async def request(name):
+            REQUEST.set(name)
+            return await collect(engine, [5, 6, 7], 3)
+        await asyncio.gather(request("first"), request("second"))
+        await engine.close()
+        return executor.seen
+
+    assert asyncio.run(run()) == {None}

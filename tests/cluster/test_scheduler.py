@@ -128,6 +128,27 @@ def test_preempted_sequence_is_recomputed_from_prompt_and_outputs():
     assert sched.num_free_blocks == 3
 
 
+def test_queued_tokens_count_prompt_left_to_prefill_not_decodes():
+    sched = make(max_tokens_per_step=16, max_num_seqs=4)
+    model = FakeModel(4)
+    sched.add(0, list(range(1, 41)), SamplingParams(temperature=0, max_tokens=4))  # 40 tokens: 3 chunks
+    sched.add(1, [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
+    assert sched.queued_tokens == 43
+    batch = sched.schedule()                      # 16 of the long prompt; the short one waits for budget
+    assert sched.queued_tokens == 24 + 3
+    sched.update(batch, model.run(batch))
+    batch = sched.schedule()                      # 16 more; the short one gets no budget yet
+    sched.update(batch, model.run(batch))
+    assert sched.queued_tokens == 8 + 3
+    batch = sched.schedule()                      # the last 8 and the whole short prompt
+    assert sched.queued_tokens == 0
+    sched.update(batch, model.run(batch))
+    assert sched.queued_tokens == 0               # both decode now: one token each is not prefill work
+    sched.add(2, [7] * 5, SamplingParams(temperature=0, max_tokens=4))
+    sched.abort(0)
+    assert sched.queued_tokens == 5
+
+
 def test_abort_frees_blocks_waiting_running_and_in_flight():
     sched = make(num_blocks=16, max_num_seqs=2)
     for i in range(3):
