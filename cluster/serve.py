@@ -2,12 +2,18 @@
 health checks, restarts, scaling from the dashboard); each replica runs an engine over its shards.
 
 A replica's placement group is bundle 0 for the replica itself (the engine: scheduling and
-streaming only) plus one bundle per shard. `check_health` fails as soon as the engine has failed
-(a dead shard or a step past its timeout) or, while idle, when a shard does not answer a ping;
-Serve then kills the replica, whose shards die with it, and starts a fresh one.
+streaming only) plus one bundle per shard. Health has two tiers: while steps complete, they prove
+every shard works (each step waits on all of them); an idle replica pings every shard and runs a
+one-token probe through its engine. `check_health` fails when the engine has failed (a dead shard or
+a step past its timeout), a ping or the probe fails; Serve then kills the replica, whose shards die
+with it, and starts a fresh one. Each check reports to the `Registry` first, so status shows why.
+
+Requests go to the replica with the most free KV capacity (`cluster.routing`). `scale` changes the
+replica count in place: Serve adds or removes replicas and leaves the others running.
 
 `ReplicaClient` is the in-process API over the deployment that the router uses: it streams a
-request's tokens and sends a request that failed before its first token to another replica.
+request's tokens, sends a request that failed before its first token to another replica, and
+cancels the request on its replica when the caller stops reading.
 """
 
 from __future__ import annotations
@@ -15,19 +21,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import AsyncIterator
 
 import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve._private.common import DeploymentID
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray.serve.config import RequestRouterConfig
 from ray.util import get_current_placement_group
 
 from cluster.actors import last_line
 from cluster.config import ServeConfig
-from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable
+from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable, probe
 from cluster.placement import ENGINE_BUNDLE, ShardPlace, check_capacity, cluster_nodes, replica_bundles, shard_resource
 from cluster.replica import start_replica
+from cluster.routing import ROUTING_STATS_PERIOD_S, CapacityRouter
 from cluster.scheduler import TokenUpdate
 from shard.layout import Layout
 from shard.sampler import SamplingParams
@@ -43,6 +53,9 @@ class ReplicaInfo:
     name: str
     shards: list[ShardPlace]
     stats: EngineStats
+    progress_age_s: float          # at report time: since the engine last completed a step (or a probe)
+    shard_healthy: list[bool]      # one per entry of `shards`, from the last health check
+    report_age_s: float = 0.0      # filled by `Registry.infos`: how long ago this was reported
 
 
 def registry_name(app_name: str) -> str:
@@ -66,9 +79,11 @@ class Registry:
         self._seen.pop(name, None)
 
     def infos(self) -> list[ReplicaInfo]:
+        """Live replicas' last reports, by name, each with its age (this actor's clock: replicas'
+        clocks are on other nodes, so a report's age is the one comparison that needs none)."""
         now = time.monotonic()
         self._seen = {k: (t, i) for k, (t, i) in self._seen.items() if now - t <= self.max_age_s}
-        return [i for _, i in sorted(self._seen.values(), key=lambda ti: ti[1].name)]
+        return [replace(i, report_age_s=now - t) for t, i in sorted(self._seen.values(), key=lambda ti: ti[1].name)]
 
 
 class ReplicaServer:
@@ -78,6 +93,7 @@ class ReplicaServer:
         self.replica = start_replica(config, model_dir, get_current_placement_group(), f"{config.name}-{replica_id}",
                                      resource)
         self.engine = self.replica.engine
+        self.shard_healthy = [True] * len(self.replica.actors)  # start_replica waited on every shard's setup
         self.registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
         self.registry.report.remote(self._info())
 
@@ -86,21 +102,56 @@ class ReplicaServer:
             yield update
 
     def _info(self) -> ReplicaInfo:
-        return ReplicaInfo(self.replica.name, self.replica.places, self.engine.stats())
+        return ReplicaInfo(self.replica.name, self.replica.places, self.engine.stats(),
+                           progress_age_s=time.monotonic() - self.engine.last_progress,
+                           shard_healthy=list(self.shard_healthy))
 
     async def check_health(self) -> None:
+        """Reports, then raises (so that Serve replaces this replica) if it cannot serve. A step
+        completed within the last period proves every shard (each step waits on all of them); an
+        idle replica must show it: every shard answers a ping and a one-token probe runs through
+        the engine. The probe is an ordinary request: it adds one step to the stats per idle check."""
+        problem = self.engine.failed
+        if problem is not None:
+            self.shard_healthy = await self._ping_shards()  # the last report then says which shard it was
+        elif time.monotonic() - self.engine.last_progress > self.config.timeouts.health_check_period_s:
+            problem = await self._check_idle()
+        else:
+            self.shard_healthy = [True] * len(self.replica.actors)
         self.registry.report.remote(self._info())
-        if self.engine.failed is not None:
-            raise RuntimeError(f"{self.replica.name} failed: {self.engine.failed}")
-        stats = self.engine.stats()
-        if stats.running == 0 and stats.waiting == 0:
-            # Idle: no step would notice a dead shard, so ask each one. (While steps run, a dead or
-            # stuck shard fails the engine within the step timeout.)
-            pings = [a.ping.remote() for a in self.replica.actors]
-            await asyncio.wait_for(asyncio.gather(*pings), self.config.timeouts.step_s)
+        if problem is not None:
+            raise RuntimeError(f"{self.replica.name} failed: {problem}")
+
+    async def _check_idle(self) -> str | None:
+        """Pings and probes at once, so that the check takes one step timeout at most."""
+        healthy, probed = await asyncio.gather(self._ping_shards(), self._probe())
+        self.shard_healthy = healthy
+        silent = [f"rank {p.rank} (stage {p.stage}, tp {p.tp_rank}) on {p.ip}"
+                  for p, ok in zip(self.replica.places, healthy) if not ok]
+        if silent:
+            return f"no answer to a ping within timeouts.step_s={self.config.timeouts.step_s:g} s: {'; '.join(silent)}"
+        return probed
+
+    async def _probe(self) -> str | None:
+        try:
+            await probe(self.engine, self.config.timeouts.step_s)
+        except TimeoutError:
+            return f"the idle probe (one token) did not finish within timeouts.step_s={self.config.timeouts.step_s:g} s"
+        except ReplicaFailed as e:
+            return f"the idle probe failed: {e}"
+        return None
+
+    async def _ping_shards(self) -> list[bool]:
+        async def ping(actor) -> bool:
+            try:
+                return await asyncio.wait_for(actor.ping.remote(), self.config.timeouts.step_s)
+            except (TimeoutError, ray.exceptions.RayError):
+                return False
+        return list(await asyncio.gather(*(ping(a) for a in self.replica.actors)))
 
     def record_routing_stats(self) -> dict:
-        return asdict(self.engine.stats())
+        """What `cluster.routing.CapacityRouter` ranks replicas by; Serve polls it."""
+        return {**asdict(self.engine.stats()), "block_size": self.config.kv_cache.block_size}
 
     async def __del__(self):
         self.registry.drop.remote(self.replica.name)
@@ -124,20 +175,67 @@ def build_app(config: ServeConfig, model_dir: str):
         max_ongoing_requests=100_000,       # the engine's scheduler is the queue; Serve only forwards
         graceful_shutdown_timeout_s=5,
         max_constructor_retry_count=2,      # a shard that cannot load will not load on the third try either
+        request_router_config=RequestRouterConfig(
+            request_router_class=CapacityRouter,
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+            request_routing_stats_timeout_s=t.step_s,  # a replica whose loop cannot answer that long is stuck
+        ),
     ).bind(config, model_dir, resource)
 
 
 def deploy(config: ServeConfig, model_dir: str) -> "ReplicaClient":
-    """Deploys (or redeploys) the application and waits until every replica is up."""
+    """Deploys (or redeploys, restarting every replica) the application and waits until every
+    replica is up. Its replica count can then change in place, with `scale`."""
     serve.start(proxy_location="Disabled")
     Registry.options(name=registry_name(config.name), namespace=NAMESPACE, get_if_exists=True,
                      lifetime="detached").remote(3 * config.timeouts.health_check_period_s + 2)
-    serve.run(build_app(config, model_dir), name=config.name, route_prefix=None)
+    # Serve gives every `serve.run` a new code version, so running it again to change num_replicas
+    # would restart every replica; with the external scaler on, the count changes alone.
+    serve.run(build_app(config, model_dir), name=config.name, route_prefix=None, external_scaler_enabled=True)
     return ReplicaClient(config.name)
 
 
+def scale(config: ServeConfig, model_dir: str, replicas: int) -> int:
+    """Sets how many replicas the application runs and returns the previous target. Replicas that
+    stay keep running and serving: Serve starts or stops only the difference, after this returns
+    (`target_replicas` and `ReplicaClient.infos` show the progress). An application that is not
+    running is deployed from `model_dir` with `replicas` replicas, which returns once they are up
+    (the previous target is then 0)."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}; to stop serving, delete the application "
+                         f"(serve.delete({config.name!r}))")
+    layout = Layout(config.layout.tp, config.layout.pp)
+    nodes = cluster_nodes()
+    check_capacity(layout, replicas, shard_resource(config.shard.device, nodes), nodes)
+    previous = target_replicas(config.name)
+    if previous == 0:
+        deploy(replace(config, replicas=replicas), model_dir)
+    else:
+        ray.get(_serve_controller().update_deployment_replicas.remote(DeploymentID(DEPLOYMENT, config.name), replicas))
+    return previous
+
+
+def target_replicas(app_name: str) -> int:
+    """The replica count Serve is working towards; 0 when the application is not deployed."""
+    try:
+        controller = _serve_controller()
+    except ValueError:  # Serve is not running on this cluster
+        return 0
+    app = ray.get(controller.get_serve_instance_details.remote())["applications"].get(app_name)
+    return app["deployments"][DEPLOYMENT]["target_num_replicas"] if app else 0
+
+
+def _serve_controller():
+    """Serve's controller actor (found by Serve's private names: its Python API has no call to set a
+    replica count). Scaling calls it as the dashboard's public scale endpoint
+    (`POST /api/v1/applications/{app}/deployments/{deployment}/scale`) does; going through HTTP
+    would need the dashboard's address and auth token in every caller."""
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
 class ReplicaClient:
-    """Streams requests to the application's replicas; Serve picks the replica."""
+    """Streams requests to the application's replicas; `cluster.routing.CapacityRouter`, in this
+    process, picks the replica."""
 
     RETRYABLE = (ReplicaFailed, RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -148,15 +246,20 @@ class ReplicaClient:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         """A request's tokens. One that fails before its first token (its replica died or was out
-        of service) is sent again, up to `attempts` times; after a token it fails as it is."""
+        of service) is sent again, up to `attempts` times; after a token it fails as it is. Leaving
+        early (closing this iterator, or cancelling its task) cancels the request on its replica,
+        which aborts the sequence and frees its KV blocks."""
         for attempt in range(1, self.attempts + 1):
             produced = 0
+            stream = self.handle.options(stream=True).generate.remote(prompt_ids, params)
             try:
-                stream = self.handle.options(stream=True).generate.remote(prompt_ids, params)
                 async for update in stream:
                     produced += 1
                     yield update
                 return
+            except (GeneratorExit, asyncio.CancelledError):
+                stream.cancel()  # otherwise the replica generates on, for no one, holding its blocks
+                raise
             except self.RETRYABLE as e:
                 retryable = produced == 0 and getattr(e, "retryable", True)
                 if not retryable or attempt == self.attempts:

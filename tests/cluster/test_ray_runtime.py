@@ -1,12 +1,14 @@
 """The cluster runtime on a simulated two-node Ray cluster (2 fake GPUs per node): placement,
-equivalence through Serve, continuous batching with preemption, and recovery from a dead or a
-stuck shard while another replica keeps serving."""
+equivalence through Serve, continuous batching with preemption, recovery from a dead or a stuck
+shard while another replica keeps serving, routing by free capacity, cancellation that reaches the
+replica, and scaling that leaves running replicas alone."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+from contextlib import aclosing
 
 import pytest
 import ray
@@ -16,7 +18,7 @@ from ray.cluster_utils import Cluster
 from cluster.config import ConfigError, ServeConfig
 from cluster.engine import ReplicaFailed
 from cluster.placement import PlacementError
-from cluster.serve import ReplicaClient, deploy
+from cluster.serve import ReplicaClient, deploy, scale, target_replicas
 from shard.sampler import SamplingParams
 from tests.cluster.test_equivalence import NEW_TOKENS, reference
 from tests.synthetic import make_llama
@@ -135,6 +137,96 @@ def test_a_dead_or_stuck_shard_takes_only_its_replica_out_and_it_comes_back(app,
     time.sleep(1.5)
     for info in asyncio.run(client.infos()):
         assert info.stats.free_blocks == info.stats.num_blocks, info
+
+
+def test_a_burst_is_spread_over_both_replicas_and_cancelled_streams_free_every_block(app, model_dir):
+    client = deploy(config(layout={"tp": 1, "pp": 2}, replicas=2, kv_cache={"num_blocks": 256, "block_size": 4}),
+                    model_dir)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    asyncio.run(tokens(client, [3, 4, 5], params))
+    idle = asyncio.run(client.infos())
+    time.sleep(2.0)  # idle: routing stats reach the router, and health checks probe each replica
+    before = {i.name: i.stats.steps for i in asyncio.run(client.infos())}
+    for was, now in zip(idle, asyncio.run(client.infos())):
+        # An idle replica shows it can serve with one-token probes: progress stays recent.
+        assert now.stats.steps > was.stats.steps and now.progress_age_s < 1.5 and now.shard_healthy == [True] * 2, now
+    asyncio.run(_gather(*(tokens(client, [10 + i] * 12, params) for i in range(16))))
+    time.sleep(1.5)  # the next health check reports the final stats
+    grown = {i.name: i.stats.steps - before[i.name] for i in asyncio.run(client.infos())}
+    # A replica that got none of the burst would only have run its idle probes (one step per check).
+    assert len(grown) == 2 and all(g >= params.max_tokens for g in grown.values()), grown
+
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def cancel_after_first_token(i: int) -> None:
+        if i % 2:  # half leave by closing the stream ...
+            async with aclosing(client.generate([3 + i, 4, 5, 6, 7], long)) as stream:
+                await anext(stream)
+            return
+        started = asyncio.Event()  # ... half by having their task cancelled mid-stream
+
+        async def read():
+            async for _ in client.generate([3 + i, 4, 5, 6, 7], long):
+                started.set()
+        task = asyncio.ensure_future(read())
+        await started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def cancel_all() -> float:
+        await asyncio.gather(*(cancel_after_first_token(i) for i in range(100)))
+        return time.monotonic()
+
+    cancelled_at = asyncio.run(cancel_all())
+    deadline = cancelled_at + 10
+    while time.monotonic() < deadline:
+        infos = asyncio.run(client.infos())
+        if all(i.stats.free_blocks == i.stats.num_blocks and i.stats.running == i.stats.waiting == 0 for i in infos):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"KV blocks still held 10 s after 100 cancelled streams: {[i.stats for i in infos]}")
+    # Cancelling aborted the sequences, not the replicas: the same two, neither failed.
+    assert {i.name for i in infos} == set(grown) and all(i.stats.failed is None for i in infos), infos
+    # When the reports saying so were made: an upper bound, as replicas report once per health check.
+    freed_s = max(time.monotonic() - i.report_age_s for i in infos) - cancelled_at
+    print(f"100 streams cancelled after their first token: every KV block free within {freed_s:.2f} s")
+    assert freed_s < 1.0 + 0.5  # the router's 1 s, seen through reports every health_check_period_s
+
+
+def test_scaling_out_and_in_leaves_running_replicas_alone(app, model_dir):
+    cfg = config(layout={"tp": 1, "pp": 2})
+    with pytest.raises(ValueError, match="replicas must be at least 1, got 0"):
+        scale(cfg, model_dir, 0)
+    with pytest.raises(PlacementError, match=r"3 replica\(s\) .* need 6 stages of 1 GPUs"):
+        scale(cfg, model_dir, 3)
+    assert target_replicas("test") == 0
+    assert scale(cfg, model_dir, 1) == 0  # not running yet: deployed
+    client = ReplicaClient("test")
+    (first,) = [i.name for i in asyncio.run(client.infos())]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = asyncio.run(tokens(client, [7, 8, 9], params))
+
+    def wait_for(n: int) -> tuple[set[str], float]:
+        started = time.monotonic()
+        while time.monotonic() < started + 60:
+            names = {i.name for i in asyncio.run(client.infos())}
+            running = serve.status().applications["test"].deployments["replica"].replica_states
+            if len(names) == n and running == {"RUNNING": n}:
+                return names, time.monotonic() - started
+            time.sleep(0.1)
+        pytest.fail(f"not {n} replicas after 60 s: {names}, {running}")
+
+    assert scale(cfg, model_dir, 2) == 1 and target_replicas("test") == 2
+    both, up_s = wait_for(2)
+    assert first in both
+    assert asyncio.run(_gather(*(tokens(client, [7, 8, 9], params) for _ in range(4)))) == [want] * 4
+    assert scale(cfg, model_dir, 1) == 2
+    (left,), down_s = wait_for(1)
+    assert left in both  # one of the two kept running; Serve picks which one to stop
+    print(f"scaled 1 -> 2 in {up_s:.1f} s, 2 -> 1 in {down_s:.1f} s; {'the first' if left == first else 'the second'} "
+          f"replica kept running")
+    assert asyncio.run(tokens(client, [7, 8, 9], params)) == want
 
 
 def test_a_layout_larger_than_the_cluster_is_refused_with_what_is_missing(ray_cluster, model_dir):
