@@ -1,9 +1,12 @@
 """Router overhead: the engine workload (32 concurrent requests, prompt 32, 128 new tokens, greedy, EOS
 ignored, SmolLM2-135M fp32) through the gRPC router against the same engine called in-process.
 
-One process holds the shard, the engine and the router; the gRPC clients run in a second process
-(as real clients would, and so they do not share the router's interpreter). Rounds alternate
-in-process and gRPC on the same engine, so machine noise hits both alike; the medians are compared.
+As in production, the shard computes in a Ray actor (TP 1 x PP 1, 2 torch threads) and the engine
+drives it from another process: here the bench process, which also hosts the router. The gRPC
+clients run in a third process, as real clients would. Rounds alternate in-process and gRPC on the
+same engine, so machine noise hits both alike; the medians are compared. (With the shard in the
+router's own process, torch and the event loop would contend for one interpreter lock, which no
+deployment does.)
 
     python bench/router.py              # 3 rounds of each; --rounds N
 
@@ -78,38 +81,25 @@ async def in_process(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             "ttft": [t for _, t in results]}
 
 
-async def bench(rounds: int) -> None:
-    import torch
-
+async def bench(rounds: int, replica, model_dir: str) -> None:
     from cluster.backends import LocalBackend
     from cluster.config import ServeConfig
-    from cluster.engine import Engine, LocalExecutor
     from cluster.router import build_router
-    from shard.demo import ensure_demo_model
-    from shard.layout import Layout
-    from shard.parallel import ParallelContext
-    from shard.worker import ShardWorker
 
     w = Workload()
-    torch.set_num_threads(w.threads)
-    model_dir = ensure_demo_model()
     prompts = make_prompts(model_dir, w.requests, w.prompt_len)
-    blocks = w.requests * -(-(w.prompt_len + w.new_tokens) // BLOCK) + 16
-    worker = ShardWorker(model_dir, ParallelContext(Layout()), num_blocks=blocks, block_size=BLOCK, progress=False)
-    engine = Engine(LocalExecutor(worker), worker.cfg, frozenset(), num_blocks=blocks, block_size=BLOCK,
-                    max_num_seqs=w.requests, max_tokens_per_step=512)
     config = ServeConfig.from_dict({"router": {"port": 0, "metrics_port": None}})
     token_file = Path(tempfile.mkdtemp()) / "auth_token"  # Admin is not used here; keep ~/.caravan untouched
-    router = build_router(config, str(model_dir), LocalBackend(engine), default_token_file=token_file)
+    router = build_router(config, model_dir, LocalBackend(replica.engine), default_token_file=token_file)
     await router.start()
     while not router.serving:
         await asyncio.sleep(0.05)
     target = f"127.0.0.1:{router.port}"
     print(f"workload: {w.requests} concurrent requests, prompt {w.prompt_len}, {w.new_tokens} new tokens, "
-          f"{model_dir.name} fp32, {w.threads} threads; {rounds} rounds each, alternating")
+          f"{Path(model_dir).name} fp32, shard on {w.threads} threads; {rounds} rounds each, alternating")
     local, remote = [], []
     for r in range(rounds):
-        local.append(await in_process(engine, prompts, w.new_tokens))
+        local.append(await in_process(replica.engine, prompts, w.new_tokens))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--client", target, stdout=subprocess.PIPE)
         out, _ = await proc.communicate()
@@ -123,6 +113,29 @@ async def bench(rounds: int) -> None:
           f"gRPC / in-process = {rr / lr:.3f} (target >= 0.95)")
     print(f"p50 time to first token: in-process {1e3 * lt:.0f} ms, gRPC {1e3 * rt:.0f} ms -> router adds "
           f"{1e3 * (rt - lt):+.0f} ms")
+
+
+def start_shard():
+    """One TP 1 x PP 1 replica: its shard in a Ray actor, its engine in this process."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from cluster.config import ServeConfig
+    from cluster.placement import replica_bundles
+    from cluster.replica import start_replica
+    from shard.demo import ensure_demo_model
+    from shard.layout import Layout
+
+    w = Workload()
+    ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=False)
+    blocks = w.requests * -(-(w.prompt_len + w.new_tokens) // BLOCK) + 16
+    cfg = ServeConfig.from_dict({"layout": {"tp": 1, "pp": 1}, "kv_cache": {"block_size": BLOCK, "num_blocks": blocks},
+                                 "scheduler": {"max_num_seqs": w.requests}, "shard": {"cpu_threads": w.threads},
+                                 "timeouts": {"step_s": 120}})
+    pg = placement_group(replica_bundles(Layout(1, 1), "CPU"), strategy="PACK")
+    ray.get(pg.ready())
+    model_dir = str(ensure_demo_model())
+    return start_replica(cfg, model_dir, pg, "bench-router", "CPU"), model_dir
 
 
 def _rate(result: dict) -> float:
@@ -140,7 +153,12 @@ def main() -> None:
         print(json.dumps(client(args.client, make_prompts(ensure_demo_model(), w.requests, w.prompt_len),
                                 w.new_tokens)))
         return
-    asyncio.run(bench(args.rounds))
+    import ray
+    replica, model_dir = start_shard()
+    try:
+        asyncio.run(bench(args.rounds, replica, model_dir))
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ class ServeBackend:
         from cluster.serve import ReplicaClient
         self.config, self.model_dir = config, model_dir
         self.client = ReplicaClient(config.name)
-        self._target = config.replicas
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         return self.client.generate(prompt_ids, params)
@@ -34,12 +33,12 @@ class ServeBackend:
 
     async def scale(self, replicas: int) -> int:
         from cluster.serve import scale
-        before = await asyncio.to_thread(scale, self.config, self.model_dir, replicas)
-        self._target = replicas
-        return before
+        return await asyncio.to_thread(scale, self.config, self.model_dir, replicas)
 
-    def target_replicas(self) -> int:
-        return self._target
+    async def target_replicas(self) -> int:
+        """What Serve works towards, whoever set it (Admin.Scale, the dashboard, a redeploy)."""
+        from cluster.serve import target_replicas
+        return await asyncio.to_thread(target_replicas, self.config.name)
 
     async def close(self) -> None:
         """The replicas stay up: they belong to the Serve application, not to this router."""
@@ -72,7 +71,7 @@ class LocalBackend:
             raise PlacementError("an in-process backend has exactly one replica; serve on Ray to scale")
         return 1
 
-    def target_replicas(self) -> int:
+    async def target_replicas(self) -> int:
         return 1
 
     async def close(self) -> None:

@@ -249,6 +249,46 @@ def _serve(args: argparse.Namespace) -> int:
         return asyncio.run(front_door())
 
 
+def _options(args: argparse.Namespace):
+    from cluster.client import Options
+
+    return Options(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, stop=tuple(args.stop), logprobs=getattr(args, "logprobs", False))
+
+
+def _connect(args: argparse.Namespace, body) -> int:
+    from cluster.client import run
+
+    return run(args.command, args.server, body, token_file=args.token_file, tls_ca=args.tls_ca,
+               timeout=args.timeout, err=sys.stderr)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from cluster.client import chat
+
+    return _connect(args, lambda router: chat(router, _options(args), system=args.system, stdin=sys.stdin,
+                                              out=sys.stdout, err=sys.stderr))
+
+
+def _complete(args: argparse.Namespace) -> int:
+    from cluster.client import complete
+
+    return _connect(args, lambda router: complete(router, args.prompt, _options(args), as_chat=args.chat,
+                                                  as_json=args.json, out=sys.stdout, err=sys.stderr))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.client import status
+
+    return _connect(args, lambda router: status(router, as_json=args.json, out=sys.stdout))
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from cluster.client import scale
+
+    return _connect(args, lambda router: scale(router, args.replicas, out=sys.stdout))
+
+
 def _plan(args: argparse.Namespace) -> int:
     from shard.config import ModelConfig
     from shard.loader import Checkpoint

@@ -64,7 +64,7 @@ class Backend(Protocol):
 
     async def scale(self, replicas: int) -> int: ...  # returns the previous target
 
-    def target_replicas(self) -> int: ...
+    async def target_replicas(self) -> int: ...
 
     async def close(self) -> None: ...               # the router is done with it
 
@@ -325,7 +325,8 @@ class Router:
     async def Status(self, req: apb.StatusRequest, context) -> apb.StatusResponse:
         await self._refresh()  # the replicas' latest reports, not the watcher's last look
         out = apb.StatusResponse(serving=self.serving, draining=self.draining, in_flight=self.in_flight,
-                                 max_in_flight=self.rc.max_in_flight, replicas_target=self.backend.target_replicas())
+                                 max_in_flight=self.rc.max_in_flight,
+                                 replicas_target=await self.backend.target_replicas())
         for v in self.replicas:
             info, s = v.info, v.info.stats
             r = out.replicas.add(
@@ -404,7 +405,7 @@ def _unary(fn: Callable[..., Awaitable], request_cls, name: str, metrics: Router
         try:
             response = await fn(parse(request_cls, data), context)
         except asyncio.CancelledError:
-            metrics.requests.labels(name, "CANCELLED").inc()
+            metrics.requests.labels(name, _cancel_code(context)).inc()
             raise
         except Exception as e:
             code, message = _status(e)
@@ -421,7 +422,7 @@ def _streaming(fn: Callable[..., AsyncIterator], request_cls, name: str, metrics
             async for response in fn(parse(request_cls, data), context):
                 yield response
         except asyncio.CancelledError:  # the client cancelled, went away, or its deadline passed
-            metrics.requests.labels(name, "CANCELLED").inc()
+            metrics.requests.labels(name, _cancel_code(context)).inc()
             raise
         except Exception as e:
             code, message = _status(e)
@@ -429,6 +430,11 @@ def _streaming(fn: Callable[..., AsyncIterator], request_cls, name: str, metrics
             await context.abort(code, message)
         metrics.requests.labels(name, "OK").inc()
     return handle
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> str:
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
 
 
 class _Auth(grpc.aio.ServerInterceptor):

@@ -165,13 +165,17 @@ class Scheduler:
         self._waiting[lane].append(seq)
 
     def abort(self, seq_id: int) -> bool:
-        """Drops a sequence. One in flight keeps its blocks until its batch returns (the workers may
-        still be writing them); it is freed in `update`. False if the id is unknown or done."""
+        """Drops a sequence and frees its blocks at once. One in flight is forgotten when its batch
+        returns (`update`). Its blocks may still be written by the workers until then, which is safe:
+        only its lane's batches use them, and the lane schedules nothing before that batch returns.
+        False if the id is unknown or done."""
         seq = self.seqs.get(seq_id)
         if seq is None:
             return False
         seq.aborted = True
-        if not seq.in_flight:
+        if seq.in_flight:
+            self.pools[seq.lane].free(seq.block_table)
+        else:
             self._finish(seq)
         return True
 

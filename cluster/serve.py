@@ -107,16 +107,21 @@ class ReplicaServer:
                            shard_healthy=list(self.shard_healthy))
 
     async def check_health(self) -> None:
-        """Reports, then raises (so that Serve replaces this replica) if it cannot serve. A step
-        completed within the last period proves every shard (each step waits on all of them); an
-        idle replica must show it: every shard answers a ping and a one-token probe runs through
-        the engine. The probe is an ordinary request: it adds one step to the stats per idle check."""
+        """Reports, then raises (so that Serve replaces this replica) if it cannot serve. While
+        sequences run, steps prove every shard (each step waits on all of them; a step past
+        `timeouts.step_s` fails the engine). An idle replica must show it: every shard answers a ping
+        and a one-token probe runs through the engine. The probe is an ordinary request: it adds one
+        step to the stats per idle check."""
         problem = self.engine.failed
+        stats = self.engine.stats()
+        idle = stats.running == stats.waiting == 0
         if problem is not None:
             self.shard_healthy = await self._ping_shards()  # the last report then says which shard it was
-        elif time.monotonic() - self.engine.last_progress > self.config.timeouts.health_check_period_s:
+        elif idle and time.monotonic() - self.engine.last_progress > self.config.timeouts.health_check_period_s:
             problem = await self._check_idle()
         else:
+            # Busy: a long step (a big batch on a slow device) is no fault, so no probe queues behind
+            # it and the report goes out now; the router's view never goes stale while it works.
             self.shard_healthy = [True] * len(self.replica.actors)
         self.registry.report.remote(self._info())
         if problem is not None:

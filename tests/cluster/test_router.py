@@ -303,7 +303,7 @@ class StubBackend:
     async def scale(self, replicas):
         return 1
 
-    def target_replicas(self):
+    async def target_replicas(self):
         return 1
 
     async def close(self):

@@ -186,7 +186,7 @@ def test_health_flips_when_the_only_replica_loses_a_shard_and_comes_back(server)
     assert server.health_status(f"caravan.replica.{replica.name}") == SERVING
 
     shards = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-              if "RemoteShard" in " ".join(p.cmdline())]
+              if " ".join(p.cmdline()).startswith("ray::ShardActor")]
     assert len(shards) == 2, [p.cmdline() for p in shards]
     shards[1].kill()
     down = server.wait_health(NOT_SERVING, timeout_s=30)

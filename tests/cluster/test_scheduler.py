@@ -156,7 +156,10 @@ def test_abort_frees_blocks_waiting_running_and_in_flight():
     batch = sched.schedule()  # 0 and 1 in flight, 2 waits (max_num_seqs)
     assert {s.seq_id for s in batch.seqs} == {0, 1}
     assert sched.abort(2) and sched.abort(0)
-    assert 0 in sched.seqs  # in flight: its blocks may still be written
+    assert 0 in sched.seqs  # in flight: forgotten when its batch returns...
+    assert sched.num_free_blocks == 16 - 2  # ...but its blocks are free now: no batch of its lane can take them yet
+    with pytest.raises(AssertionError, match="still has a batch in flight"):
+        sched.schedule()
     updates = sched.update(batch, FakeModel(4).run(batch))
     assert [u.seq_id for u in updates] == [1]
     assert set(sched.seqs) == {1} and sched.num_free_blocks == 16 - 2

@@ -44,8 +44,9 @@ def test_a_layout_larger_than_the_cluster_names_what_is_missing(tmp_path, smollm
 @pytest.mark.slow
 def test_the_demo_answers_a_chat_prompt_through_the_cluster(tmp_path, smollm2_dir):
     path = tmp_path / "cluster.yaml"
-    path.write_text("layout: {tp: 1, pp: 2}\n")
+    path.write_text("layout: {tp: 1, pp: 2}\nrouter: {port: 0, metrics_port: 0}\n")
     result = serve(str(path), "--once", "What is the capital of France?", "--max-tokens", "12")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout
     assert "stage" in result.stderr and "serving smollm2-135m-instruct as 1 replica(s) of TP 1 x PP 2" in result.stderr
+    assert "router: caravan.v1 on 127.0.0.1:" in result.stderr and "tokens through gRPC" in result.stderr
