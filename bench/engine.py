@@ -2,7 +2,8 @@
 with batches in flight against a single stage.
 
 1. 32 concurrent requests, prompt 32, 128 new tokens each (EOS ignored), greedy, SmolLM2-135M fp32,
-   2 threads: Caravan's engine over an in-process shard, transformers' continuous batching
+   2 threads: Caravan's engine over an in-process shard and over a shard in a Ray actor (the
+   serving layout: engine and shard in separate processes), transformers' continuous batching
    (`generate_batch`) and vLLM on CPU (from its own virtualenv, see peers.py; skipped with a note
    when it is not installed). Prints tok/s and Caravan's ratio to each.
 2. The same requests (fewer new tokens) through Ray shard actors with one thread each: PP 2, two
@@ -62,8 +63,8 @@ def run_caravan(model_dir, prompts, new_tokens: int, threads: int) -> Result:
     return asyncio.run(run())
 
 
-def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int) -> Result:
-    """One replica of TP 1 x PP `pp` as Ray actors with one thread each, the engine in this process."""
+def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1) -> Result:
+    """One replica of TP 1 x PP `pp` as Ray actors with `threads` each, the engine in this process."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -72,7 +73,8 @@ def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int) -> Result:
     from cluster.replica import start_replica
 
     cfg = ServeConfig.from_dict({"layout": {"tp": 1, "pp": pp}, "kv_cache": {"block_size": BLOCK},
-                                 "scheduler": {"max_num_seqs": len(prompts)}, "timeouts": {"step_s": 120}})
+                                 "scheduler": {"max_num_seqs": len(prompts)}, "shard": {"cpu_threads": threads},
+                                 "timeouts": {"step_s": 120}})
     pg = placement_group(replica_bundles(Layout(1, pp), "CPU"), strategy="PACK")
     ray.get(pg.ready())
     replica = start_replica(cfg, str(model_dir), pg, f"bench-pp{pp}", "CPU")
@@ -89,6 +91,17 @@ def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int) -> Result:
     return Result(f"caravan PP {pp}", result.tokens, result.seconds)
 
 
+def run_caravan_actor(model_dir, prompts, new_tokens: int, threads: int) -> Result:
+    """The serving layout: the shard in a Ray actor, the engine driving it from this process."""
+    import ray
+    ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=False)
+    try:
+        result = run_ray_pp(model_dir, prompts, new_tokens, 1, threads)
+    finally:
+        ray.shutdown()
+    return Result("caravan (shard actor)", result.tokens, result.seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-peers", action="store_true")
@@ -102,12 +115,17 @@ def main() -> None:
           f"{model_dir.name} fp32, {w.threads} threads")
     if not args.skip_peers:
         ours = run_caravan(model_dir, prompts, w.new_tokens, w.threads)
-        print(f"  caravan engine        {ours.tok_per_s:7.1f} tok/s ({ours.tokens} tokens in {ours.seconds:.1f} s)")
+        actor = run_caravan_actor(model_dir, prompts, w.new_tokens, w.threads)
+        print(f"  caravan engine        {ours.tok_per_s:7.1f} tok/s ({ours.tokens} tokens in {ours.seconds:.1f} s; "
+              f"shard in this process)")
+        print(f"  caravan engine        {actor.tok_per_s:7.1f} tok/s ({actor.tokens} tokens in {actor.seconds:.1f} s; "
+              f"shard in a Ray actor, as served)")
         for peer in (run_transformers(model_dir, prompts, w.new_tokens, w.threads),
                      run_vllm(model_dir, prompts, w.new_tokens, w.threads)):
             if peer is not None:
                 print(f"  {peer.system:<21} {peer.tok_per_s:7.1f} tok/s -> caravan / {peer.system} = "
-                      f"{ours.tok_per_s / peer.tok_per_s:.2f}x")
+                      f"{ours.tok_per_s / peer.tok_per_s:.2f}x in-process, "
+                      f"{actor.tok_per_s / peer.tok_per_s:.2f}x as served")
     if not args.skip_pp:
         import ray
         ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=False)

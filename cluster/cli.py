@@ -1,5 +1,5 @@
 """`caravan`: the command line. Subcommands: generate (offline, local processes), serve, plan, and the
-clients of a running router: chat, complete, status, scale (their gRPC side is cluster/client.py)."""
+clients of a running router: chat, complete, status, scale, drain (their gRPC side is cluster/client.py)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("replicas", type=_int32, help="replicas wanted, >= 1")
     _router_args(scale)
     scale.set_defaults(run=_scale)
+
+    drain = sub.add_parser("drain", help="stop a running router gracefully: refuse new requests, finish the rest")
+    drain.add_argument("--grace", type=float, default=0.0,
+                       help="seconds in-flight requests get before they are cut off (default: router.drain_grace_s)")
+    _router_args(drain)
+    drain.set_defaults(run=_drain)
 
     args = parser.parse_args(argv)
     if args.command == "complete" and args.logprobs and not args.json:
@@ -287,6 +293,12 @@ def _scale(args: argparse.Namespace) -> int:
     from cluster.client import scale
 
     return _connect(args, lambda router: scale(router, args.replicas, out=sys.stdout))
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from cluster.client import drain
+
+    return _connect(args, lambda router: drain(router, args.grace, out=sys.stdout))
 
 
 def _plan(args: argparse.Namespace) -> int:

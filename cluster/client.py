@@ -316,3 +316,11 @@ def scale(router: Router, replicas: int, *, out: TextIO) -> int:
                               timeout=router.unary_timeout)
     print(f"replicas: {resp.replicas_before} -> {resp.replicas_target}", file=out)
     return 0
+
+
+def drain(router: Router, grace_s: float, *, out: TextIO) -> int:
+    """`caravan drain`: the router stops admitting, lets in-flight requests finish, then exits."""
+    resp = router.admin.Drain(admin_pb2.DrainRequest(grace_period_s=grace_s), metadata=router.metadata,
+                              timeout=router.unary_timeout)
+    print(f"draining: {resp.in_flight} request(s) in flight; the router exits when they finish", file=out)
+    return 0

@@ -57,6 +57,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
         self.metadata: list[dict[str, str]] = []
         self.fail: tuple[grpc.StatusCode, str] | None = None
         self.scaled_to: int | None = None
+        self.drained_with: float | None = None
 
     def Status(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
@@ -72,6 +73,11 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
                       admin_pb2.ReplicaStatus(name="replica-1", state=admin_pb2.REPLICA_STATE_NOT_SERVING,
                                               kv_blocks_total=128, last_progress_age_s=42.0,
                                               error="stage 1 tp 1 died")])
+
+    def Drain(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        self.drained_with = request.grace_period_s
+        return admin_pb2.DrainResponse(in_flight=3)
 
     def Scale(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
@@ -306,6 +312,13 @@ def test_scale(router, monkeypatch, capsys):
     assert one_error_line(err, "scale") == "caravan scale: error: INVALID_ARGUMENT: replicas: got 0; want >= 1"
 
 
+def test_drain(router, monkeypatch, capsys):
+    address, _, admin = router
+    code, out, _ = caravan(monkeypatch, capsys, "drain", "--grace", "7.5", "--server", address)
+    assert (code, admin.drained_with) == (0, 7.5)
+    assert out == "draining: 3 request(s) in flight; the router exits when they finish\n"
+
+
 # --- connection -----------------------------------------------------------------------------------------
 
 
@@ -315,7 +328,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args", [["status"], ["scale", "2"], ["complete", "Hi"], ["chat"]])
+@pytest.mark.parametrize("args", [["status"], ["scale", "2"], ["drain"], ["complete", "Hi"], ["chat"]])
 def test_unreachable_router(router, monkeypatch, capsys, args):
     address = f"127.0.0.1:{closed_port()}"
     code, out, err = caravan(monkeypatch, capsys, *args, "--server", address, stdin="Hi\n")
