@@ -72,7 +72,9 @@ def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1) -
     from cluster.placement import replica_bundles
     from cluster.replica import start_replica
 
-    cfg = ServeConfig.from_dict({"layout": {"tp": 1, "pp": pp}, "kv_cache": {"block_size": BLOCK},
+    # Blocks for every request's whole budget, as the in-process run gets: no preemption in either.
+    blocks = len(prompts) * -(-(len(prompts[0]) + new_tokens) // BLOCK) + 8 * pp
+    cfg = ServeConfig.from_dict({"layout": {"tp": 1, "pp": pp}, "kv_cache": {"block_size": BLOCK, "num_blocks": blocks},
                                  "scheduler": {"max_num_seqs": len(prompts)}, "shard": {"cpu_threads": threads},
                                  "timeouts": {"step_s": 120}})
     pg = placement_group(replica_bundles(Layout(1, pp), "CPU"), strategy="PACK")

@@ -98,7 +98,6 @@ class Router:
         self.serving = False
         self.draining = False
         self.in_flight = 0
-        self.waiting_first_token = 0
         self.stopped = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count(1)
@@ -124,8 +123,8 @@ class Router:
             (INFERENCE.full_name, ADMIN.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.rc.host}:{self.rc.port}"
         if self.rc.tls_cert_file is not None:
-            creds = grpc.ssl_server_credentials([(Path(self.rc.tls_key_file).read_bytes(),
-                                                  Path(self.rc.tls_cert_file).read_bytes())])
+            creds = grpc.ssl_server_credentials([(_read("router.tls_key_file", self.rc.tls_key_file),
+                                                  _read("router.tls_cert_file", self.rc.tls_cert_file))])
             self.port = server.add_secure_port(address, creds)
         else:
             self.port = server.add_insecure_port(address)
@@ -213,7 +212,6 @@ class Router:
         gen = check_generate(req, self.limits)
         self._admit()
         request_id = f"req-{next(self._ids)}"
-        self.waiting_first_token += 1
         self.metrics.queue_depth.inc()
         first_sent: float | None = None
         try:
@@ -260,7 +258,6 @@ class Router:
                         return  # leaving the stream early (a stop string) aborts the sequence
         finally:
             if first_sent is None:
-                self.waiting_first_token -= 1
                 self.metrics.queue_depth.dec()
             self.in_flight -= 1
             self.metrics.in_flight.dec()
@@ -278,7 +275,6 @@ class Router:
         self.metrics.in_flight.inc()
 
     def _first_token(self, ttft: float) -> None:
-        self.waiting_first_token -= 1
         self.metrics.queue_depth.dec()
         self.metrics.ttft.observe(ttft)
 
@@ -476,6 +472,13 @@ class _Auth(grpc.aio.ServerInterceptor):
     def _token_source(self) -> str:
         rc = self.router.rc
         return f"router.auth_token_file ({rc.auth_token_file})" if rc.auth_token_file else str(DEFAULT_TOKEN_FILE)
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path} ({e.strerror}); point it at a readable PEM file") from None
 
 
 def load_token(rc: RouterSection, default_file: Path = DEFAULT_TOKEN_FILE) -> tuple[str, bool]:

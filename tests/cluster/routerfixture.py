@@ -18,7 +18,11 @@ class RouterThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-router")
         self.thread.start()
-        self.router = self.call(make_router(), timeout_s)
+        try:
+            self.router = self.call(make_router(), timeout_s)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
         self.target = f"127.0.0.1:{self.router.port}"
 
     def call(self, coro, timeout_s: float = 60):

@@ -386,3 +386,29 @@ def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
     assert [r.token_ids[0] for r in in_flight] == [72]  # the request in flight still finished
     rt.call(rt.router.stopped.wait(), timeout_s=5)
     rt.close()
+
+
+def test_tls_only_when_configured(smollm2_dir, tmp_path):
+    import subprocess
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"openssl cannot make a test certificate: {e}")
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, tls_cert_file=str(cert), tls_key_file=str(key)))
+    try:
+        secure = grpc.secure_channel(rt.target, grpc.ssl_channel_credentials(cert.read_bytes()))
+        assert inference_pb2_grpc.InferenceStub(secure).Tokenize(pb.TokenizeRequest(text="hi"), timeout=10).token_ids
+        with pytest.raises(grpc.RpcError) as e:  # plaintext gets nowhere
+            inference_pb2_grpc.InferenceStub(rt.channel()).Tokenize(pb.TokenizeRequest(text="hi"), timeout=3)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        secure.close()
+    finally:
+        rt.close()
+
+    from cluster.config import ConfigError
+    with pytest.raises(ConfigError, match=r"router.tls_key_file: cannot read .*missing.pem"):
+        RouterThread(_stub_router(smollm2_dir, tmp_path, tls_cert_file=str(cert),
+                                  tls_key_file=str(tmp_path / "missing.pem")))
