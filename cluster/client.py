@@ -298,8 +298,10 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
                          "ERROR"],
                         [[r.name, replica_state, f"{r.kv_blocks_free}/{r.kv_blocks_total}", r.running, r.waiting,
                           r.steps, f"{r.last_progress_age_s:.1f} s ago", r.error or "-"]])
-        lines += _table(["RANK", "STAGE", "TP RANK", "NODE IP", "HEALTHY"],
-                        [[s.rank, s.stage, s.tp_rank, s.node_ip or "-", "yes" if s.healthy else "NO"]
+        # The node id too: simulated nodes (and some pods) share one IP.
+        lines += _table(["RANK", "STAGE", "TP RANK", "NODE IP", "NODE", "HEALTHY"],
+                        [[s.rank, s.stage, s.tp_rank, s.node_ip or "-", s.node_id[:8] or "-",
+                          "yes" if s.healthy else "NO"]
                          for s in r.shards], indent="    ")
     return "\n".join(lines)
 

@@ -287,9 +287,9 @@ def test_status_table(router, monkeypatch, capsys):
     assert lines[2].split() == ["REPLICA", "STATE", "KV", "FREE/TOTAL", "RUNNING", "WAITING", "STEPS", "LAST",
                                 "PROGRESS", "ERROR"]
     assert lines[3].split() == ["replica-0", "serving", "120/128", "2", "1", "4512", "0.2", "s", "ago", "-"]
-    assert lines[4].split() == ["RANK", "STAGE", "TP", "RANK", "NODE", "IP", "HEALTHY"]
-    assert lines[5].split() == ["0", "0", "0", "10.0.0.0", "yes"] and lines[5].startswith("    ")
-    assert lines[8].split() == ["3", "1", "1", "10.0.0.3", "NO"]
+    assert lines[4].split() == ["RANK", "STAGE", "TP", "RANK", "NODE", "IP", "NODE", "HEALTHY"]
+    assert lines[5].split() == ["0", "0", "0", "10.0.0.0", "n0", "yes"] and lines[5].startswith("    ")
+    assert lines[8].split() == ["3", "1", "1", "10.0.0.3", "n3", "NO"]
     assert "replica-1  not serving" in out and "42.0 s ago" in out and "stage 1 tp 1 died" in out
 
 
