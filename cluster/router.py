@@ -24,7 +24,7 @@ import itertools
 import logging
 import secrets
 import time
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Protocol
@@ -396,35 +396,33 @@ def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
+@asynccontextmanager
+async def _outcome(name: str, metrics: RouterMetrics, context: grpc.aio.ServicerContext):
+    """Counts the RPC by the code it ends with, and turns the router's exceptions into statuses."""
+    try:
+        yield
+    except asyncio.CancelledError:  # the client cancelled, went away, or its deadline passed
+        metrics.requests.labels(name, _cancel_code(context)).inc()
+        raise
+    except Exception as e:
+        code, message = _status(e)
+        metrics.requests.labels(name, code.name).inc()
+        await context.abort(code, message)
+    metrics.requests.labels(name, "OK").inc()
+
+
 def _unary(fn: Callable[..., Awaitable], request_cls, name: str, metrics: RouterMetrics):
     async def handle(data: bytes, context: grpc.aio.ServicerContext):
-        try:
-            response = await fn(parse(request_cls, data), context)
-        except asyncio.CancelledError:
-            metrics.requests.labels(name, _cancel_code(context)).inc()
-            raise
-        except Exception as e:
-            code, message = _status(e)
-            metrics.requests.labels(name, code.name).inc()
-            await context.abort(code, message)
-        metrics.requests.labels(name, "OK").inc()
-        return response
+        async with _outcome(name, metrics, context):
+            return await fn(parse(request_cls, data), context)
     return handle
 
 
 def _streaming(fn: Callable[..., AsyncIterator], request_cls, name: str, metrics: RouterMetrics):
     async def handle(data: bytes, context: grpc.aio.ServicerContext):
-        try:
+        async with _outcome(name, metrics, context):
             async for response in fn(parse(request_cls, data), context):
                 yield response
-        except asyncio.CancelledError:  # the client cancelled, went away, or its deadline passed
-            metrics.requests.labels(name, _cancel_code(context)).inc()
-            raise
-        except Exception as e:
-            code, message = _status(e)
-            metrics.requests.labels(name, code.name).inc()
-            await context.abort(code, message)
-        metrics.requests.labels(name, "OK").inc()
     return handle
 
 
