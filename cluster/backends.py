@@ -57,13 +57,10 @@ class LocalBackend:
     async def infos(self) -> list:
         from cluster.engine import probe
         from cluster.serve import ReplicaInfo
-        stats = self.engine.stats()
-        idle = stats.running == stats.waiting == 0
-        if stats.failed is None and idle and time.monotonic() - self.engine.last_progress > self.probe_after_s:
+        if self.engine.needs_probe(self.probe_after_s):
             await probe(self.engine)
-            stats = self.engine.stats()
         age = time.monotonic() - self.engine.last_progress
-        return [ReplicaInfo(self.name, [], stats, progress_age_s=age, shard_healthy=[])]
+        return [ReplicaInfo(self.name, [], self.engine.stats(), progress_age_s=age, shard_healthy=[])]
 
     async def scale(self, replicas: int) -> int:
         from cluster.placement import PlacementError

@@ -118,6 +118,14 @@ class Engine:
         return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
                            s.preemptions, self.failed, s.queued_tokens)
 
+    def needs_probe(self, quiet_s: float) -> bool:
+        """Healthy as far as it knows, but idle (nothing running or waiting) with no step for
+        `quiet_s`: only a probe can show it still works. While sequences run, steps show it, and a
+        step past the step timeout fails the engine."""
+        s = self.sched
+        return (self.failed is None and s.num_running == s.num_waiting == 0
+                and time.monotonic() - self.last_progress > quiet_s)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         if self.failed is not None:
             raise ReplicaUnavailable(f"{self.name} is out of service: {self.failed}")

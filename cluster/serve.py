@@ -113,11 +113,9 @@ class ReplicaServer:
         and a one-token probe runs through the engine. The probe is an ordinary request: it adds one
         step to the stats per idle check."""
         problem = self.engine.failed
-        stats = self.engine.stats()
-        idle = stats.running == stats.waiting == 0
         if problem is not None:
             self.shard_healthy = await self._ping_shards()  # the last report then says which shard it was
-        elif idle and time.monotonic() - self.engine.last_progress > self.config.timeouts.health_check_period_s:
+        elif self.engine.needs_probe(self.config.timeouts.health_check_period_s):
             problem = await self._check_idle()
         else:
             # Busy: a long step (a big batch on a slow device) is no fault, so no probe queues behind

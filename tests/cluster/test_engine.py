@@ -233,3 +233,19 @@ def test_steps_run_outside_the_context_of_the_request_that_started_the_loop(work
         return executor.seen
 
     assert asyncio.run(run()) == {None}
+
+
+def test_needs_probe_only_when_idle_and_quiet(worker):
+    async def run():
+        engine = make_engine(worker)
+        assert not engine.needs_probe(60)                # just started: quiet for less than that
+        await asyncio.sleep(0.01)
+        assert engine.needs_probe(0.005)                 # idle and quiet
+        stream = engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        await stream.__anext__()
+        await asyncio.sleep(0.01)
+        assert not engine.needs_probe(0)                 # a sequence runs: its steps show health
+        await stream.aclose()
+        await engine.close()
+        assert not engine.needs_probe(0)                 # failed (closed): no probe can help
+    asyncio.run(run())
