@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from cluster.config import admin_token_file
 
 DEFAULT_SERVER = "localhost:50051"
 # Status and Scale answer at once; a router that takes longer is stuck, and saying so beats hanging.
@@ -35,11 +36,6 @@ class ClientError(Exception):
     """A local problem found before any call (a token or CA file that cannot be read)."""
 
 
-def token_path() -> Path:
-    """Where the router leaves the token it generates (read at call time: tests move HOME)."""
-    return Path.home() / ".caravan" / "auth_token"
-
-
 def find_token(token_file: Path | None, environ: Mapping[str, str] = os.environ) -> str | None:
     """The bearer token to send: --token-file, else $CARAVAN_AUTH_TOKEN, else ~/.caravan/auth_token."""
     if token_file is not None:
@@ -52,7 +48,7 @@ def find_token(token_file: Path | None, environ: Mapping[str, str] = os.environ)
         return token
     if environ.get("CARAVAN_AUTH_TOKEN", "").strip():
         return environ["CARAVAN_AUTH_TOKEN"].strip()
-    default = token_path()
+    default = admin_token_file()
     if not default.is_file():
         return None
     return default.read_text().strip() or None

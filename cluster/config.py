@@ -181,6 +181,12 @@ class LocalClusterSection:
         return -(-per_node // layout.tp) * layout.tp
 
 
+def admin_token_file() -> Path:
+    """Where a router without router.auth_token_file keeps the token Admin RPCs need, and where the
+    CLI looks for it (read at call time, so HOME decides)."""
+    return Path.home() / ".caravan" / "auth_token"
+
+
 _PORT: Rule = (lambda v: 0 <= v <= 65535, "use a port number from 0 to 65535 (0 picks a free one)")
 
 

@@ -103,40 +103,29 @@ async def run_router(config: ServeConfig, model_dir: str, backend, *, once: str 
         loop.add_signal_handler(sig, lambda: loop.create_task(router.drain()))
     if once is not None:
         try:
-            await _ask_once(where, once, max_tokens, router)
+            return await _ask_once(where, once, max_tokens, router)
         finally:
             await router.drain(0)
-        return 0
     print(f"try: caravan chat --server {where}   (Ctrl-C or SIGTERM drains and stops)", file=sys.stderr, flush=True)
     await router.stopped.wait()
     return 0
 
 
-async def _ask_once(where: str, prompt: str, max_tokens: int, router) -> None:
-    """One streamed chat answer through the router's own gRPC port: the path a client takes."""
-    import grpc
-
-    from caravan.v1 import inference_pb2 as pb
-    from caravan.v1 import inference_pb2_grpc
+async def _ask_once(where: str, prompt: str, max_tokens: int, router) -> int:
+    """One streamed chat answer through the router's own gRPC port, by `caravan complete --chat`'s
+    code (on a thread: its calls block, and this loop serves them): the path a client takes."""
+    from cluster import client
 
     deadline = time.monotonic() + router.config.timeouts.setup_s
     while not router.serving:  # the first replica report may still be on its way
         if time.monotonic() > deadline:
             raise RuntimeError("no replica became healthy; see `caravan status` and the Ray dashboard")
         await asyncio.sleep(0.1)
-    target = where.replace("0.0.0.0", "127.0.0.1")
-    if router.rc.tls_cert_file is not None:
-        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(router.rc.tls_cert_file).read_bytes()))
-    else:
-        channel = grpc.aio.insecure_channel(target)
-    metadata = (("authorization", f"Bearer {router.admin_token}"),)
-    async with channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        request = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=prompt)]),
-                                     sampling=pb.SamplingParams(temperature=0), max_tokens=max_tokens)
-        async for response in stub.Generate(request, metadata=metadata):
-            print(response.text, end="", flush=True)
-            if response.HasField("usage"):
-                u = response.usage
-                print(f"\n[{u.completion_tokens} tokens through gRPC, first after {u.time_to_first_token_s:.2f} s, "
-                      f"{u.completion_tokens / max(u.total_time_s, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    rc = router.rc
+    options = client.Options(max_tokens=max_tokens, temperature=0)
+
+    def ask(stub: client.Router) -> int:
+        return client.complete(stub, prompt, options, as_chat=True, as_json=False, out=sys.stdout, err=sys.stderr)
+    return await asyncio.to_thread(
+        client.run, "serve", where.replace("0.0.0.0", "127.0.0.1"), ask, token_file=router.token_file,
+        tls_ca=Path(rc.tls_cert_file) if rc.tls_cert_file else None, err=sys.stderr)

@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
-from cluster.config import ConfigError, RouterSection, ServeConfig
+from cluster.config import ConfigError, RouterSection, ServeConfig, admin_token_file
 from cluster.engine import ReplicaFailed
 from cluster.metrics import RouterMetrics
 from cluster.placement import PlacementError
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"]
 ADMIN = apb.DESCRIPTOR.services_by_name["Admin"]
 REPLICA_SERVICE_PREFIX = "caravan.replica."
-DEFAULT_TOKEN_FILE = Path.home() / ".caravan" / "auth_token"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
@@ -87,11 +86,11 @@ class ReplicaView:
 
 class Router:
     def __init__(self, config: ServeConfig, tokenizer: Tokenizer, limits: Limits, backend: Backend, *,
-                 model_name: str, admin_token: str, token_for_all: bool):
+                 model_name: str, admin_token: str, token_for_all: bool, token_file: Path):
         self.config, self.rc = config, config.router
         self.tokenizer, self.limits, self.backend = tokenizer, limits, backend
         self.model_name = model_name
-        self.admin_token, self.token_for_all = admin_token, token_for_all
+        self.admin_token, self.token_for_all, self.token_file = admin_token, token_for_all, token_file
         self.metrics = RouterMetrics()
         self.health = health.aio.HealthServicer()
         self.replicas: list[ReplicaView] = []
@@ -447,8 +446,9 @@ class _Auth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if not needs or handler is None or self._authorized(details.invocation_metadata):
             return handler
+        source = ("router.auth_token_file " if self.router.token_for_all else "") + str(self.router.token_file)
         message = ("missing or wrong bearer token: send metadata 'authorization: Bearer <token>' "
-                   f"(the token is in {self._token_source()})")
+                   f"(the token is in {source})")
         self.router.metrics.requests.labels(method.strip("/").replace("/", "."), "UNAUTHENTICATED").inc()
 
         async def refuse(request, context):
@@ -467,10 +467,6 @@ class _Auth(grpc.aio.ServerInterceptor):
                 return hmac.compare_digest(value[len("Bearer "):].encode(), self.router.admin_token.encode())
         return False
 
-    def _token_source(self) -> str:
-        rc = self.router.rc
-        return f"router.auth_token_file ({rc.auth_token_file})" if rc.auth_token_file else str(DEFAULT_TOKEN_FILE)
-
 
 def _read(key: str, path: str) -> bytes:
     try:
@@ -479,9 +475,10 @@ def _read(key: str, path: str) -> bytes:
         raise ConfigError(key, f"cannot read {path} ({e.strerror}); point it at a readable PEM file") from None
 
 
-def load_token(rc: RouterSection, default_file: Path = DEFAULT_TOKEN_FILE) -> tuple[str, bool]:
-    """(token, whether every RPC needs it). A configured token file guards everything; without one,
-    Admin RPCs still need a token, generated once into `default_file` (mode 0600) for local CLIs."""
+def load_token(rc: RouterSection, default_file: Path) -> tuple[str, bool, Path]:
+    """(token, whether every RPC needs it, its file). A configured token file guards everything;
+    without one, Admin RPCs still need a token, generated once into `default_file` (mode 0600) for
+    local CLIs."""
     if rc.auth_token_file is not None:
         path = Path(rc.auth_token_file)
         try:
@@ -491,21 +488,21 @@ def load_token(rc: RouterSection, default_file: Path = DEFAULT_TOKEN_FILE) -> tu
                                                         "readable file holding the token") from None
         if not token:
             raise ConfigError("router.auth_token_file", f"{path} is empty; write the token into it")
-        return token, True
+        return token, True, path
     if not default_file.exists() or not default_file.read_text().strip():
         default_file.parent.mkdir(parents=True, exist_ok=True)
         default_file.touch(mode=0o600)
         default_file.write_text(secrets.token_urlsafe(32))
-    return default_file.read_text().strip(), False
+    return default_file.read_text().strip(), False, default_file
 
 
 def build_router(config: ServeConfig, model_dir: str, backend: Backend, *,
-                 default_token_file: Path = DEFAULT_TOKEN_FILE) -> Router:
+                 default_token_file: Path | None = None) -> Router:
     """A router for the checkpoint in `model_dir`, its limits taken from the model's own config."""
     from shard.config import ModelConfig
     model = ModelConfig.from_pretrained(model_dir)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     limits = Limits(model.max_position_embeddings, model.vocab_size, tokenizer.has_chat_template)
-    token, for_all = load_token(config.router, default_token_file)
+    token, for_all, token_file = load_token(config.router, default_token_file or admin_token_file())
     return Router(config, tokenizer, limits, backend, model_name=Path(model_dir).name, admin_token=token,
-                  token_for_all=for_all)
+                  token_for_all=for_all, token_file=token_file)

@@ -34,7 +34,7 @@ from ray.util import get_current_placement_group
 
 from cluster.actors import last_line
 from cluster.config import ServeConfig
-from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable, probe
+from cluster.engine import EngineStats, ReplicaFailed, probe
 from cluster.placement import ENGINE_BUNDLE, ShardPlace, check_capacity, cluster_nodes, replica_bundles, shard_resource
 from cluster.replica import start_replica
 from cluster.routing import ROUTING_STATS_PERIOD_S, CapacityRouter

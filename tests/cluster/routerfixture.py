@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
@@ -78,3 +81,49 @@ class Clients:
                 raise AssertionError(f"KV blocks still in use after {timeout_s} s: "
                                      f"{[(r.name, r.kv_blocks_free, r.kv_blocks_total) for r in replicas]}")
             time.sleep(0.02)
+
+
+def expect_malformed(clients: Clients, suite) -> None:
+    """Sends each case as raw bytes (with the admin token); each must fail with exactly its code and
+    details that start with its field's path."""
+    for case in suite:
+        streaming = case.method.endswith("/Generate")
+        call = (clients.channel.unary_stream if streaming else clients.channel.unary_unary)(
+            case.method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            result = call(case.request, timeout=30, metadata=clients.auth)
+            if streaming:
+                list(result)
+        assert (e.value.code(), e.value.details().split(":")[0]) == (case.code, case.field), case.name
+
+
+def flood(target: str, requests: list, metadata=None) -> list[tuple]:
+    """Sends every Generate request at once. Each result is ("ok", tokens received, seconds) or
+    (gRPC code, details, seconds), seconds counted from that request's send."""
+    async def run():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def one(request):
+                start = time.monotonic()
+                try:
+                    n = 0
+                    async for r in stub.Generate(request, metadata=metadata):
+                        n += len(r.token_ids)
+                    return "ok", n, time.monotonic() - start
+                except grpc.aio.AioRpcError as e:
+                    return e.code(), e.details(), time.monotonic() - start
+            return await asyncio.gather(*(one(r) for r in requests))
+    return asyncio.run(run())
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """(key, certificate) for 127.0.0.1, made by openssl; skips the test where openssl cannot."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"openssl cannot make a test certificate: {e}")
+    return key, cert

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import subprocess
 import threading
 import time
 from concurrent import futures
@@ -16,6 +15,7 @@ import pytest
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from cluster.cli import main
+from tests.cluster.routerfixture import self_signed_cert
 
 ANSWER = ["Hel", "lo, ", "world", "!"]
 
@@ -341,13 +341,7 @@ def test_unreachable_router(router, monkeypatch, capsys, args):
 def tls_router(tmp_path_factory):
     """The fake Admin behind TLS, with a self-signed certificate for 127.0.0.1."""
     folder = tmp_path_factory.mktemp("tls")
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"openssl cannot make a test certificate: {e}")
+    key, cert = self_signed_cert(folder)
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     admin_pb2_grpc.add_AdminServicer_to_server(FakeAdmin(), srv)
     port = srv.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))

@@ -26,7 +26,7 @@ from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.worker import ShardWorker
 from tests.cluster.malformed import cases
-from tests.cluster.routerfixture import Clients, RouterThread
+from tests.cluster.routerfixture import Clients, RouterThread, expect_malformed, flood, self_signed_cert
 from tests.conftest import LLAMA31_TOKENIZER
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -119,14 +119,7 @@ def test_malformed_requests_get_documented_codes_naming_the_field(served):
     rt, c = served
     suite = cases(rt.router.limits.context_length, rt.router.limits.vocab_size)
     assert len(suite) >= 200
-    for case in suite:
-        call = (c.channel.unary_stream if case.method.endswith("/Generate") else c.channel.unary_unary)(
-            case.method, request_serializer=None, response_deserializer=None)
-        with pytest.raises(grpc.RpcError) as e:
-            result = call(case.request, timeout=30, metadata=c.auth if case.admin else None)
-            if case.method.endswith("/Generate"):
-                list(result)
-        assert (e.value.code(), e.value.details().split(":")[0]) == (case.code, case.field), case.name
+    expect_malformed(c, suite)
     # Still up, nothing queued or leaked.
     assert "Paris" in "".join(r.text for r in stream(c, chat("What is the capital of France?", max_tokens=16,
                                                               sampling=pb.SamplingParams(temperature=0))))
@@ -211,22 +204,7 @@ def test_overload_is_refused_at_once_and_accepted_requests_finish(served):
     rt, c = served
     limit = rt.router.rc.max_in_flight
 
-    async def run():
-        async with grpc.aio.insecure_channel(rt.target) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-
-            async def one(i):
-                start = time.monotonic()
-                try:
-                    n = 0
-                    async for r in stub.Generate(chat(f"Say hello {i}.", max_tokens=8)):
-                        n += len(r.token_ids)
-                    return "ok", n, time.monotonic() - start
-                except grpc.aio.AioRpcError as e:
-                    return e.code(), e.details(), time.monotonic() - start
-            return await asyncio.gather(*(one(i) for i in range(4 * limit)))
-
-    results = asyncio.run(run())
+    results = flood(rt.target, [chat(f"Say hello {i}.", max_tokens=8) for i in range(4 * limit)])
     ok = [r for r in results if r[0] == "ok"]
     refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert len(ok) + len(refused) == len(results)
@@ -389,14 +367,7 @@ def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
 
 
 def test_tls_only_when_configured(smollm2_dir, tmp_path):
-    import subprocess
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"openssl cannot make a test certificate: {e}")
+    key, cert = self_signed_cert(tmp_path)
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, tls_cert_file=str(cert), tls_key_file=str(key)))
     try:
         secure = grpc.secure_channel(rt.target, grpc.ssl_channel_credentials(cert.read_bytes()))

@@ -22,7 +22,7 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from tests.cluster.malformed import cases
-from tests.cluster.routerfixture import Clients
+from tests.cluster.routerfixture import Clients, expect_malformed, flood
 
 pytestmark = pytest.mark.slow
 
@@ -105,14 +105,7 @@ def test_status_shows_each_shard_on_its_node(server):
 def test_malformed_requests(server):
     suite = cases(8192, 49152)
     assert len(suite) >= 200
-    for case in suite:
-        call = (server.channel.unary_stream if case.method.endswith("/Generate") else server.channel.unary_unary)(
-            case.method, request_serializer=None, response_deserializer=None)
-        with pytest.raises(grpc.RpcError) as e:
-            result = call(case.request, timeout=30, metadata=server.auth)
-            if case.method.endswith("/Generate"):
-                list(result)
-        assert (e.value.code(), e.value.details().split(":")[0]) == (case.code, case.field), case.name
+    expect_malformed(server, suite)
     assert server.health_status() == SERVING
     server.wait_all_blocks_free(timeout_s=3)
     assert server.status().in_flight == 0
@@ -148,22 +141,8 @@ def test_overload_is_refused_at_once_with_bounded_memory(server):
     router = psutil.Process(server.proc.pid)
     rss_before = router.memory_info().rss
 
-    async def run():
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-
-            async def one(i):
-                start = time.monotonic()
-                try:
-                    n = 0
-                    async for r in stub.Generate(chat(f"Say hello to {i}.", max_tokens=16), metadata=server.auth):
-                        n += len(r.token_ids)
-                    return "ok", n, time.monotonic() - start
-                except grpc.aio.AioRpcError as e:
-                    return e.code(), e.details(), time.monotonic() - start
-            return await asyncio.gather(*(one(i) for i in range(4 * MAX_IN_FLIGHT)))
-
-    results = asyncio.run(run())
+    results = flood(server.target, [chat(f"Say hello to {i}.", max_tokens=16) for i in range(4 * MAX_IN_FLIGHT)],
+                    metadata=server.auth)
     rss_after = router.memory_info().rss
     ok = [r for r in results if r[0] == "ok"]
     refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
