@@ -185,13 +185,16 @@ class Engine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                batch, future = in_flight.popleft()
+                batch, future = in_flight[0]
                 started = time.monotonic()
-                try:
-                    out = await asyncio.wait_for(future, self.step_timeout_s)
-                except asyncio.TimeoutError:
+                # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancel that lands as
+                # its future completes, and close() would then wait on a loop that never ends.
+                await asyncio.wait((future,), timeout=self.step_timeout_s)
+                if not future.done():
                     raise ReplicaFailed(f"a step of {len(batch.seqs)} sequences ({batch.num_tokens} tokens) ran past "
-                                        f"the {self.step_timeout_s:g} s step timeout", retryable=False) from None
+                                        f"the {self.step_timeout_s:g} s step timeout", retryable=False)
+                in_flight.popleft()
+                out = future.result()
                 self.steps += 1
                 self.last_progress = time.monotonic()
                 for update in self.sched.update(batch, out.samples):

@@ -14,9 +14,9 @@ import pytest
 from cluster.engine import Engine, LocalExecutor, ReplicaFailed, ReplicaUnavailable, probe
 from cluster.offline import RequestError
 from shard.parallel import ParallelContext
-from shard.sampler import SamplingParams
+from shard.sampler import Sample, SamplingParams
 from shard.layout import Layout
-from shard.worker import ShardWorker
+from shard.worker import ShardWorker, StepOutput
 from tests.synthetic import make_llama
 
 
@@ -249,3 +249,44 @@ def test_needs_probe_only_when_idle_and_quiet(worker):
         await engine.close()
         assert not engine.needs_probe(0)                 # failed (closed): no probe can help
     asyncio.run(run())
+
+
+class GatedExecutor:
+    """Each step is a future the test completes by hand, so it can time a close against a step."""
+
+    def __init__(self):
+        self.pending: list[asyncio.Future] = []
+        self.steps = []
+
+    def execute(self, step):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.steps.append(step)
+        return future
+
+    async def close(self):
+        pass
+
+
+def test_close_ends_the_loop_even_when_a_step_completes_in_the_same_instant(worker):
+    # close() cancels the loop in the same event-loop pass in which its step completes. A wait that
+    # then hands back the result and drops the cancel (asyncio.wait_for on 3.11) leaves the loop
+    # running and close() waiting for ever: the hang CI once hit at random.
+
+    async def run():
+        executor = GatedExecutor()
+        engine = Engine(executor, worker.cfg, frozenset(), num_blocks=64, block_size=4)
+        stream = engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+        first = asyncio.ensure_future(stream.__anext__())
+        while not executor.pending:
+            await asyncio.sleep(0)
+        seq_ids = [chunk.seq_id for chunk in executor.steps[0].seqs]
+        closing = asyncio.ensure_future(engine.close())   # its cancel reaches the loop in the same pass
+        executor.pending[0].set_result(StepOutput(samples={i: Sample(9) for i in seq_ids}))
+        await asyncio.wait_for(closing, 5)
+        outcome = await asyncio.gather(first, return_exceptions=True)
+        return engine.stats(), outcome[0]
+
+    stats, outcome = asyncio.run(run())
+    assert stats.failed == "the replica is shutting down" and stats.free_blocks == stats.num_blocks
+    assert isinstance(outcome, ReplicaUnavailable) or outcome.sample.token_id == 9
