@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shard import cpu_kernels
+
 
 class KVCache:
     """K and V blocks for the layers of one stage: [layers, blocks, block_size, kv_heads, head_dim]."""
@@ -42,6 +44,7 @@ class AttentionMetadata:
     decode_ids: torch.Tensor        # [D] sequences with exactly one new token
     decode_token_index: torch.Tensor  # [D] their row in the packed batch
     decode_mask: torch.Tensor | None  # [D, 1, 1, S] True where a key is visible; None when D == 0
+    decode_kv_lens: torch.Tensor    # [D] keys each decode attends to (its context and itself)
     starts: list[int]               # first row of each sequence in the packed batch
 
     @classmethod
@@ -57,9 +60,9 @@ class AttentionMetadata:
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
         decode = [i for i, q in enumerate(query_lens) if q == 1]
         mask = None
+        kv_len = torch.tensor([context_lens[i] + 1 for i in decode], dtype=torch.int64)
         if decode:
             # Only as many blocks as the longest decoding sequence needs, not the whole table.
-            kv_len = torch.tensor([context_lens[i] + 1 for i in decode])
             span = -(-int(kv_len.max()) // block_size) * block_size
             mask = (torch.arange(span)[None, :] < kv_len[:, None])[:, None, None, :].to(device)
         return cls(
@@ -71,6 +74,7 @@ class AttentionMetadata:
             decode_ids=torch.tensor(decode, dtype=torch.int64, device=device),
             decode_token_index=torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=device),
             decode_mask=mask,
+            decode_kv_lens=kv_len.to(device),
             starts=starts,
         )
 
@@ -100,7 +104,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                             is_causal=mask is None, scale=scale, enable_gqa=True)
         out[start:start + qlen] = oi.transpose(0, 1)
 
-    if meta.decode_mask is not None:
+    if meta.decode_mask is not None and (lib := cpu_kernels.for_tensor(q)) is not None \
+            and head_dim % 8 == 0 and head_dim <= cpu_kernels.MAX_HEAD_DIM:
+        od = cpu_kernels.paged_decode_attention(q, meta.decode_token_index, k_cache, v_cache, meta.block_tables,
+                                                meta.decode_ids, meta.decode_kv_lens, scale, lib)
+        if out is None:
+            return od
+        out[meta.decode_token_index] = od
+    elif meta.decode_mask is not None:
         span_blocks = meta.decode_mask.shape[-1] // block_size
         tables = meta.block_tables[meta.decode_ids, :span_blocks].flatten()  # [D * nb]
         # index_select, not k_cache[tables]: advanced indexing is ~10x slower on CPU here.

@@ -16,15 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shard import cpu_kernels
 from shard.config import RopeScaling
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On CPU, MKL computes a short batch (2 to 256 rows: batched decode steps) up to
-    2x faster as (weight @ x.T).T than through F.linear's addmm (SmolLM2's 121 GEMMs at 16 rows:
-    78 ms against 125 ms on 2 threads); GPUs, single rows and long prefills take the plain path."""
-    if x.device.type == "cpu" and 1 < x.shape[0] <= 256:
-        return (weight @ x.T).T.contiguous()
+    """x @ weight.T. On CPU the rows of a decode step take faster paths than F.linear's addmm:
+    up to 16 rows in float32, the hand-written kernel of `shard.cpu_kernels` (it streams the weight
+    at near the memory bandwidth, where MKL reaches about half); up to 256 rows, MKL's GEMM as
+    (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long prefills take the plain
+    path. `bench/cpu_linear.py` measures the three."""
+    if x.device.type == "cpu":
+        rows = x.shape[0]
+        if rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.float32 and (lib := cpu_kernels.for_tensor(x)):
+            return cpu_kernels.linear(x, weight, lib)
+        if 1 < rows <= 256:
+            return (weight @ x.T).T.contiguous()
     return F.linear(x, weight)
 
 
@@ -146,6 +153,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (lib := cpu_kernels.for_tensor(x)) is not None:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, lib)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
         # Half precision: normalise in fp32, round, then scale, as the reference model rounds.
@@ -176,10 +185,19 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, D]."""
+    """x: [T, H, D]; cos, sin: [T, D]. Returns a new tensor (see `apply_rotary_` to rotate in place)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def apply_rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first `heads` heads of x [T, any heads, D] in place; returns them, [T, heads, D]."""
+    if (lib := cpu_kernels.for_tensor(x)) is not None and x.is_contiguous():
+        cpu_kernels.rope_(x, heads, cos.contiguous(), sin.contiguous(), lib)
+    else:
+        x[:, :heads] = apply_rotary(x[:, :heads], cos, sin)
+    return x[:, :heads]
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
 from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
-                          VocabParallel, apply_rotary, split)
+                          VocabParallel, apply_rotary_, split)
 from shard.layout import check_layout, model_stage_layers
 from shard.parallel import ParallelContext
 
@@ -47,8 +47,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         T, H, KV = x.shape[0], self.local_heads, self.local_kv_heads
         qkv = self.qkv_proj(x).view(T, H + 2 * KV, self.head_dim)
-        qk = apply_rotary(qkv[:, : H + KV], cos, sin)  # q and k rotated together: one set of ops
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]   # [T, H, D], [T, KV, D], [T, KV, D]
+        apply_rotary_(qkv, H + KV, cos, sin)              # q and k rotated together, in place
+        q, k, v = qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:]   # [T, H, D], [T, KV, D], [T, KV, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.ctx.all_reduce(self.o_proj(out.view(T, -1)))
 

@@ -1,0 +1,166 @@
+/* CPU kernels for the decode step, built on first use by shard/cpu_kernels.py.
+ *
+ * linear_f32: y[b, o] = sum_i x[b, i] * w[o, i] for a short batch (the rows of a decode step).
+ * At 1 to 16 rows a linear layer is a matrix-vector product in disguise: the weight is read once
+ * from memory and each element meets a handful of inputs, so speed is how fast the weight
+ * streams. MKL's GEMM reaches about half this machine's read bandwidth there; this kernel walks 8
+ * weight rows at a time (8 sequential streams for the prefetcher, 8 independent FMA chains) and
+ * dots each with every input row while those rows sit in L1.
+ *
+ * Threads: OpenMP over blocks of output rows. It must be the same OpenMP runtime as PyTorch's
+ * (the build links PyTorch's libgomp), or two thread pools would spin against each other.
+ */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define ROWS 8
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x: [batch, in], w: [out, in], y: [batch, out]; all row-major and contiguous. */
+void caravan_linear_f32(const float *x, const float *w, float *y, int64_t batch, int64_t in, int64_t out,
+                        int32_t threads) {
+    const int64_t blocks = (out + ROWS - 1) / ROWS;
+    const int64_t vec_in = in & ~(int64_t)7;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t o0 = blk * ROWS;
+        const int rows = out - o0 < ROWS ? (int)(out - o0) : ROWS;
+        const float *wr[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            wr[r] = w + (o0 + (r < rows ? r : 0)) * in;  /* a short last block repeats its first row */
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + b * in;
+            __m256 acc[ROWS];
+            for (int r = 0; r < ROWS; r++)
+                acc[r] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < vec_in; i += 8) {
+                const __m256 xv = _mm256_loadu_ps(xb + i);
+                for (int r = 0; r < ROWS; r++)
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[r] + i), xv, acc[r]);
+            }
+            for (int r = 0; r < rows; r++) {
+                float s = hsum(acc[r]);
+                for (int64_t i = vec_in; i < in; i++)
+                    s += wr[r][i] * xb[i];
+                y[b * out + o0 + r] = s;
+            }
+        }
+    }
+}
+
+/* rms_norm_f32: y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), rows of length dim. */
+void caravan_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t dim, float eps,
+                          int32_t threads) {
+    const int64_t vec = dim & ~(int64_t)7;
+#pragma omp parallel for schedule(static) num_threads(rows > 1 ? threads : 1)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *xr = x + t * dim;
+        float *yr = y + t * dim;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < vec; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = hsum(acc);
+        for (int64_t i = vec; i < dim; i++)
+            ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < vec; i += 8)
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i),
+                                                   _mm256_mul_ps(_mm256_loadu_ps(xr + i), iv)));
+        for (int64_t i = vec; i < dim; i++)
+            yr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* rope_f32: rotates, in place, the first `heads` heads of each of `rows` tokens (token t starts at
+ * x + t * row_stride; heads are contiguous, head_dim apart), in the half-split layout:
+ * out[:h] = x1 cos1 - x2 sin1, out[h:] = x2 cos2 + x1 sin2; cos and sin are [rows, head_dim]. */
+void caravan_rope_f32(float *x, int64_t row_stride, const float *cos, const float *sin, int64_t rows,
+                      int64_t heads, int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+    for (int64_t t = 0; t < rows; t++) {
+        const float *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + t * row_stride + h * head_dim;
+            for (int64_t j = 0; j < half; j++) {
+                const float a = v[j], b = v[j + half];
+                v[j] = a * c[j] - b * s[j];
+                v[j + half] = b * c[j + half] + a * s[j + half];
+            }
+        }
+    }
+}
+
+#define CHUNK 128
+
+/* paged_decode_attention_f32: one new token per sequence, attending to its first kv_len[d] cached
+ * tokens (its own already written). q: token row token_index[d] of a [T, ...] tensor with rows
+ * q_stride apart, heads contiguous; caches: [blocks, block_size, kv_heads, head_dim]; block table
+ * row seq_index[d] of block_tables ([B, table_stride]); out: [D, heads, head_dim].
+ * Softmax in chunks of CHUNK keys with a running maximum, so no score buffer grows with the context. */
+void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const int64_t *token_index,
+                                        const float *k_cache, const float *v_cache, const int64_t *block_tables,
+                                        int64_t table_stride, const int64_t *seq_index, const int64_t *kv_len,
+                                        int64_t num_decodes, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                        int64_t block_size, float scale, float *out, int32_t threads) {
+    const int64_t group = heads / kv_heads;
+    const int64_t token_stride = kv_heads * head_dim;
+#pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(threads)
+    for (int64_t d = 0; d < num_decodes; d++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qv = q + token_index[d] * q_stride + h * head_dim;
+            const int64_t *table = block_tables + seq_index[d] * table_stride;
+            const int64_t kvh = h / group, len = kv_len[d];
+            float *o = out + (d * heads + h) * head_dim;
+            float acc[512];  /* head_dim <= 512, checked by the caller */
+            float scores[CHUNK];
+            for (int64_t i = 0; i < head_dim; i++)
+                acc[i] = 0.0f;
+            float running_max = -INFINITY, total = 0.0f;
+            for (int64_t c0 = 0; c0 < len; c0 += CHUNK) {
+                const int64_t n = len - c0 < CHUNK ? len - c0 : CHUNK;
+                float chunk_max = -INFINITY;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t pos = c0 + j;
+                    const float *kv = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride
+                                      + kvh * head_dim;
+                    __m256 dot = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < head_dim; i += 8)
+                        dot = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(kv + i), dot);
+                    scores[j] = hsum(dot) * scale;
+                    if (scores[j] > chunk_max)
+                        chunk_max = scores[j];
+                }
+                const float new_max = chunk_max > running_max ? chunk_max : running_max;
+                const float rescale = expf(running_max - new_max);  /* exp(-inf) = 0 on the first chunk */
+                total *= rescale;
+                for (int64_t i = 0; i < head_dim; i++)
+                    acc[i] *= rescale;
+                running_max = new_max;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t pos = c0 + j;
+                    const float *vv = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride
+                                      + kvh * head_dim;
+                    const float p = expf(scores[j] - new_max);
+                    total += p;
+                    const __m256 pv = _mm256_set1_ps(p);
+                    for (int64_t i = 0; i < head_dim; i += 8)
+                        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(acc + i)));
+                }
+            }
+            const float inv = 1.0f / total;
+            for (int64_t i = 0; i < head_dim; i++)
+                o[i] = acc[i] * inv;
+        }
+    }
+}

@@ -1,0 +1,198 @@
+"""Hand-written CPU kernels (`cpu_kernels.c`) for what a decode step does slowly through PyTorch's
+CPU operators: a linear layer over a few rows (MKL reads the weight at about half the machine's
+read bandwidth there; this kernel at about 85%), and the small per-layer operations whose cost is
+mostly dispatch (RMSNorm is six operators, RoPE five, paged decode attention a gather, a mask and
+SDPA). `bench/decode.py` shows the effect end to end, `bench/cpu_linear.py` layer by layer.
+
+The C file is compiled once per machine with the system C compiler into
+`$XDG_CACHE_HOME/caravan/kernels/` (about a second) and loaded with ctypes, which releases the GIL
+for the call. `CARAVAN_CPU_KERNELS` chooses:
+- `auto` (default): use the kernels where they can be built (x86-64 with AVX2 and FMA, a C
+  compiler); otherwise warn once, naming why, and use PyTorch's matmul.
+- `on`: the same, but a machine that cannot build them is an error.
+- `off`: PyTorch's matmul only (for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "CARAVAN_CPU_KERNELS"
+MAX_ROWS = 16            # above this, MKL's GEMM is as fast or faster (bench/cpu_linear.py)
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+MAX_HEAD_DIM = 512       # the attention kernel's accumulator
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    pass
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}   # "lib": the loaded library or None; "why": the reason it is None
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"{ENV}={value!r}: use auto (default), on or off")
+    return value
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they are off or cannot be built (`auto` warns once)."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            choice = mode()
+            lib, why = None, f"{ENV}=off"
+            if choice != "off":
+                try:
+                    lib, why = _load(), ""
+                except CpuKernelsUnavailable as e:
+                    if choice == "on":
+                        raise CpuKernelsUnavailable(f"{ENV}=on but {e}") from None
+                    why = str(e)
+                    log.warning("CPU kernels unavailable (%s); linear layers of decode steps use PyTorch's matmul, "
+                                "up to 1.5x slower at small batches. Set %s=off to silence this.", why, ENV)
+            _state["lib"], _state["why"] = lib, why
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def why_unavailable() -> str:
+    library()
+    return str(_state.get("why", ""))
+
+
+def for_tensor(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, where they apply to `x` (float32 on CPU) and are available."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return library()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """x [rows, in] @ weight[out, in].T."""
+    x, weight = x.contiguous(), weight.contiguous()
+    rows, features = x.shape
+    y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    lib.caravan_linear_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, features, weight.shape[0],
+                           torch.get_num_threads())
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """RMSNorm over the last dim of x [..., dim]."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    lib.caravan_rms_norm_f32(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps,
+                             torch.get_num_threads())
+    return y
+
+
+def rope_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, lib: ctypes.CDLL) -> None:
+    """Rotates in place the first `heads` heads of x [T, any heads, head_dim] (contiguous)."""
+    assert x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    rows, _, head_dim = x.shape
+    lib.caravan_rope_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), rows, heads, head_dim)
+
+
+def paged_decode_attention(q: torch.Tensor, token_index: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, block_tables: torch.Tensor, seq_index: torch.Tensor,
+                           kv_len: torch.Tensor, scale: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """q: [T, H, D] (rows may be strided, heads contiguous); rows `token_index` are decodes of the
+    sequences `seq_index` (rows of `block_tables`) with `kv_len` keys each, already cached in
+    k_cache, v_cache [blocks, block_size, KV, D]. Returns [len(token_index), H, D]."""
+    _, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    assert q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and heads % kv_heads == 0
+    tables = block_tables.contiguous()
+    out = torch.empty(len(token_index), heads, head_dim, dtype=torch.float32)
+    lib.caravan_paged_decode_attention_f32(
+        q.data_ptr(), q.stride(0), token_index.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), tables.stride(0), seq_index.data_ptr(), kv_len.data_ptr(), len(token_index), heads,
+        kv_heads, head_dim, block_size, scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _load() -> ctypes.CDLL:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise CpuKernelsUnavailable(f"they are written for x86-64 and this machine is {platform.machine()}")
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        raise CpuKernelsUnavailable(f"this CPU lacks {', '.join(sorted(missing))}")
+    path = _build()
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    signatures = {
+        "caravan_linear_f32": [p, p, p, i64, i64, i64, i32],
+        "caravan_rms_norm_f32": [p, p, p, i64, i64, f32, i32],
+        "caravan_rope_f32": [p, i64, p, p, i64, i64, i64],
+        "caravan_paged_decode_attention_f32": [p, i64, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _build() -> Path:
+    """Compiles the C file unless this exact build (source, flags, PyTorch) is already cached."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise CpuKernelsUnavailable("no C compiler found (install gcc, or set CC)")
+    torch_lib = Path(torch.__file__).parent / "lib"
+    # PyTorch's own OpenMP runtime, so that one thread pool serves both.
+    link = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"] if (torch_lib / "libgomp.so.1").exists() else []
+    link.append("-lm")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + link).encode(), compiler.encode(),
+                                     torch.__version__.encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caravan" / "kernels"
+    target = cache / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("building CPU kernels (once per machine): %s -> %s", SOURCE.name, target)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *link], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise CpuKernelsUnavailable(f"{compiler} failed to build {SOURCE.name}: "
+                                        f"{(done.stderr or done.stdout).strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: ranks building at once each install a whole file
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CpuKernelsUnavailable(f"{compiler} could not run: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
