@@ -102,12 +102,37 @@ void caravan_rope_f32(float *x, int64_t row_stride, const float *cos, const floa
 }
 
 #define CHUNK 128
+#define MAX_GROUP 64
+
+/* e^x for 8 floats (x <= 0 here: scores minus their maximum), to about 2 ulp: 2^n * p(r) with
+ * x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial; x below -87 flushes to 0. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);      /* ln2 split in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
 
 /* paged_decode_attention_f32: one new token per sequence, attending to its first kv_len[d] cached
  * tokens (its own already written). q: token row token_index[d] of a [T, ...] tensor with rows
  * q_stride apart, heads contiguous; caches: [blocks, block_size, kv_heads, head_dim]; block table
  * row seq_index[d] of block_tables ([B, table_stride]); out: [D, heads, head_dim].
- * Softmax in chunks of CHUNK keys with a running maximum, so no score buffer grows with the context. */
+ * One task per (sequence, KV head): each key and value is loaded once for the query heads that
+ * share it. Softmax runs over chunks of CHUNK keys with a running maximum, so no buffer grows with
+ * the context. head_dim is a multiple of 8 and at most 512, heads / kv_heads at most MAX_GROUP
+ * (the caller checks). */
 void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const int64_t *token_index,
                                         const float *k_cache, const float *v_cache, const int64_t *block_tables,
                                         int64_t table_stride, const int64_t *seq_index, const int64_t *kv_len,
@@ -115,52 +140,90 @@ void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const 
                                         int64_t block_size, float scale, float *out, int32_t threads) {
     const int64_t group = heads / kv_heads;
     const int64_t token_stride = kv_heads * head_dim;
+    const int64_t nv = head_dim / 8;
 #pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(threads)
     for (int64_t d = 0; d < num_decodes; d++) {
-        for (int64_t h = 0; h < heads; h++) {
-            const float *qv = q + token_index[d] * q_stride + h * head_dim;
+        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+            const float *qg = q + token_index[d] * q_stride + kvh * group * head_dim;
             const int64_t *table = block_tables + seq_index[d] * table_stride;
-            const int64_t kvh = h / group, len = kv_len[d];
-            float *o = out + (d * heads + h) * head_dim;
-            float acc[512];  /* head_dim <= 512, checked by the caller */
-            float scores[CHUNK];
-            for (int64_t i = 0; i < head_dim; i++)
-                acc[i] = 0.0f;
-            float running_max = -INFINITY, total = 0.0f;
+            const int64_t len = kv_len[d];
+            float *og = out + (d * heads + kvh * group) * head_dim;
+            float *accg = og;  /* the group's rows of `out` accumulate, then are normalised */
+            float scores[MAX_GROUP][CHUNK] __attribute__((aligned(32)));
+            float running_max[MAX_GROUP], total[MAX_GROUP];
+            int64_t offset[CHUNK];  /* cache offset of each key of the chunk */
+            for (int64_t i = 0; i < group * head_dim; i++)
+                accg[i] = 0.0f;
+            for (int64_t g = 0; g < group; g++) {
+                running_max[g] = -INFINITY;
+                total[g] = 0.0f;
+            }
             for (int64_t c0 = 0; c0 < len; c0 += CHUNK) {
                 const int64_t n = len - c0 < CHUNK ? len - c0 : CHUNK;
-                float chunk_max = -INFINITY;
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t pos = c0 + j;
-                    const float *kv = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride
-                                      + kvh * head_dim;
-                    __m256 dot = _mm256_setzero_ps();
-                    for (int64_t i = 0; i < head_dim; i += 8)
-                        dot = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(kv + i), dot);
-                    scores[j] = hsum(dot) * scale;
-                    if (scores[j] > chunk_max)
-                        chunk_max = scores[j];
+                for (int64_t j = 0, blk = c0 / block_size, in_blk = c0 % block_size; j < n; j++) {
+                    offset[j] = (table[blk] * block_size + in_blk) * token_stride + kvh * head_dim;
+                    if (++in_blk == block_size) {
+                        in_blk = 0;
+                        blk++;
+                    }
                 }
-                const float new_max = chunk_max > running_max ? chunk_max : running_max;
-                const float rescale = expf(running_max - new_max);  /* exp(-inf) = 0 on the first chunk */
-                total *= rescale;
-                for (int64_t i = 0; i < head_dim; i++)
-                    acc[i] *= rescale;
-                running_max = new_max;
+                /* scores of this chunk's keys against every query head of the group */
                 for (int64_t j = 0; j < n; j++) {
-                    const int64_t pos = c0 + j;
-                    const float *vv = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride
-                                      + kvh * head_dim;
-                    const float p = expf(scores[j] - new_max);
-                    total += p;
-                    const __m256 pv = _mm256_set1_ps(p);
+                    const float *kv = k_cache + offset[j];
+                    for (int64_t g = 0; g < group; g++) {
+                        const float *qv = qg + g * head_dim;
+                        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                        int64_t i = 0;
+                        for (; i + 1 < nv; i += 2) {
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i), _mm256_loadu_ps(kv + 8 * i), a0);
+                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i + 8), _mm256_loadu_ps(kv + 8 * i + 8), a1);
+                        }
+                        if (i < nv)
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i), _mm256_loadu_ps(kv + 8 * i), a0);
+                        scores[g][j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+                    }
+                }
+                /* softmax weights, rescaling what was accumulated under an older maximum */
+                for (int64_t g = 0; g < group; g++) {
+                    float m = running_max[g];
+                    for (int64_t j = 0; j < n; j++)
+                        m = scores[g][j] > m ? scores[g][j] : m;
+                    const float rescale = expf(running_max[g] - m);  /* 0 on the first chunk */
+                    running_max[g] = m;
+                    total[g] *= rescale;
+                    const __m256 rv = _mm256_set1_ps(rescale), mv = _mm256_set1_ps(m);
                     for (int64_t i = 0; i < head_dim; i += 8)
-                        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(acc + i)));
+                        _mm256_storeu_ps(accg + g * head_dim + i, _mm256_mul_ps(rv, _mm256_loadu_ps(accg + g * head_dim + i)));
+                    int64_t j = 0;
+                    __m256 sum = _mm256_setzero_ps();
+                    for (; j + 8 <= n; j += 8) {
+                        const __m256 p = exp256(_mm256_sub_ps(_mm256_load_ps(&scores[g][j]), mv));
+                        _mm256_store_ps(&scores[g][j], p);
+                        sum = _mm256_add_ps(sum, p);
+                    }
+                    float t = hsum(sum);
+                    for (; j < n; j++) {
+                        scores[g][j] = expf(scores[g][j] - m);
+                        t += scores[g][j];
+                    }
+                    total[g] += t;
+                }
+                /* weighted values */
+                for (int64_t j = 0; j < n; j++) {
+                    const float *vv = v_cache + offset[j];
+                    for (int64_t g = 0; g < group; g++) {
+                        const __m256 pv = _mm256_set1_ps(scores[g][j]);
+                        float *a = accg + g * head_dim;
+                        for (int64_t i = 0; i < head_dim; i += 8)
+                            _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(a + i)));
+                    }
                 }
             }
-            const float inv = 1.0f / total;
-            for (int64_t i = 0; i < head_dim; i++)
-                o[i] = acc[i] * inv;
+            for (int64_t g = 0; g < group; g++) {
+                const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
+                for (int64_t i = 0; i < head_dim; i += 8)
+                    _mm256_storeu_ps(og + g * head_dim + i, _mm256_mul_ps(inv, _mm256_loadu_ps(accg + g * head_dim + i)));
+            }
         }
     }
 }

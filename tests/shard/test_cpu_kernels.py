@@ -1,0 +1,173 @@
+"""The hand-written CPU kernels against PyTorch's operators on the same inputs (each model-level
+test already runs through them; here every shape edge is hit on purpose), and the
+CARAVAN_CPU_KERNELS switch: off, on, auto, on a machine that can and one that cannot build them."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shard import cpu_kernels
+from shard.attention import AttentionMetadata, paged_attention
+from shard.layers import apply_rotary, apply_rotary_, linear
+
+lib = cpu_kernels.library()
+needs_kernels = pytest.mark.skipif(lib is None, reason=f"CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """The module as a new process sees it, with its own build cache."""
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 16])
+@pytest.mark.parametrize("features,out", [(576, 960), (13, 7), (64, 49153)])
+def test_linear_matches_torch(rows, features, out):
+    g = torch.Generator().manual_seed(rows * 1000 + features)
+    x, w = torch.randn(rows, features, generator=g), torch.randn(out, features, generator=g)
+    got = cpu_kernels.linear(x, w, lib)
+    assert got.shape == (rows, out)
+    torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_linear_takes_strided_rows_and_routes_by_row_count():
+    w = torch.randn(40, 24)
+    x = torch.randn(20, 48)[:, ::2]                       # not contiguous
+    torch.testing.assert_close(cpu_kernels.linear(x[:3], w, lib), x[:3] @ w.T, rtol=1e-5, atol=1e-5)
+    for rows in (1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1, 300):  # kernel, kernel, MKL, addmm
+        y = torch.randn(rows, 24)
+        torch.testing.assert_close(linear(y, w), y @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,dim", [(1, 576), (7, 576), (3, 13)])
+def test_rms_norm_matches_torch(rows, dim):
+    x, w = torch.randn(rows, dim) * 3, torch.randn(dim)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5, lib), F.rms_norm(x, (dim,), w, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_rope_rotates_only_the_first_heads_in_place():
+    T, heads, rotated, D = 5, 7, 5, 64
+    x = torch.randn(T, heads, D)
+    angles = torch.rand(T, D // 2) * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected = torch.cat([apply_rotary(x[:, :rotated], cos, sin), x[:, rotated:]], 1)
+    got = apply_rotary_(x, rotated, cos, sin)
+    assert got.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def decode_case(seed: int, contexts: list[int], heads: int, kv_heads: int, head_dim: int, block: int = 16,
+                spread: float = 1.0):
+    """A decode step over scattered blocks; q rows strided as in the model (q is a slice of qkv)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    tables_needed = [-(-(c + 1) // block) for c in contexts]
+    free = list(range(sum(tables_needed) + 3))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(n)] for n in tables_needed]
+    k_cache = torch.randn(len(tables_needed) + sum(tables_needed) + 3, block, kv_heads, head_dim, generator=g) * spread
+    v_cache = torch.randn(k_cache.shape, generator=g)
+    qkv = torch.randn(len(contexts), heads + 2 * kv_heads, head_dim, generator=g) * spread
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    meta = AttentionMetadata.build([1] * len(contexts), contexts, tables, block)
+    return q, k, v, k_cache, v_cache, meta
+
+
+def run_attention(case, scale):
+    q, k, v, k_cache, v_cache, meta = case
+    return paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("contexts,heads,kv_heads,head_dim,spread", [
+    ([0], 9, 3, 64, 1.0),                     # one key: its own
+    ([31, 5, 130, 300], 9, 3, 64, 1.0),       # several chunks of 128 keys, partial blocks
+    ([200, 17], 16, 1, 128, 4.0),             # one KV head for 16 query heads, peaked scores
+    ([40, 129], 4, 4, 8, 10.0),               # no grouping, tiny heads, very peaked scores
+])
+def test_paged_decode_attention_matches_the_torch_path(monkeypatch, contexts, heads, kv_heads, head_dim, spread):
+    case = decode_case(len(contexts), contexts, heads, kv_heads, head_dim, spread=spread)
+    got = run_attention(case, head_dim ** -0.5)
+    monkeypatch.setattr(cpu_kernels, "_state", {"lib": None, "why": "off for the reference"})
+    expected = run_attention(case, head_dim ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_a_mixed_step_sends_only_its_decodes_to_the_kernel(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, D, block = 6, 2, 32, 4
+    query_lens, contexts = [5, 1, 3, 1], [0, 9, 4, 2]
+    tables = [[0, 1], [2, 3, 4], [5, 6], [7]]
+    meta = AttentionMetadata.build(query_lens, contexts, tables, block)
+    T = sum(query_lens)
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (heads, kv_heads, kv_heads))
+    cache = torch.randn(8, block, kv_heads, D, generator=g), torch.randn(8, block, kv_heads, D, generator=g)
+    got = paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), meta, D ** -0.5)
+    monkeypatch.setattr(cpu_kernels, "_state", {"lib": None, "why": "off for the reference"})
+    expected = paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), meta, D ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_off_uses_torch_and_a_bad_value_names_the_variable(fresh_state, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert cpu_kernels.library() is None and "off" in cpu_kernels.why_unavailable()
+    assert not list(fresh_state.rglob("*.so"))            # nothing was built
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="CARAVAN_CPU_KERNELS='fast': use auto"):
+        cpu_kernels.library()
+
+
+@needs_kernels
+def test_auto_builds_once_into_the_cache_and_reuses_the_build(fresh_state, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    assert cpu_kernels.library() is not None
+    built = list((fresh_state / "caravan" / "kernels").glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and not list(built[0].parent.glob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError(f"compiled again: {args}")
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", no_compiling)
+    assert cpu_kernels.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_auto_warns_and_on_refuses(fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(fresh_state / "no-such-cc"))
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    with caplog.at_level(logging.WARNING, logger="shard.cpu_kernels"):
+        assert cpu_kernels.library() is None
+    assert "CPU kernels unavailable" in caplog.text and "no-such-cc" in caplog.text
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    torch.testing.assert_close(linear(x, w), x @ w.T)      # PyTorch's matmul serves meanwhile
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV, "on")
+    with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match="CARAVAN_CPU_KERNELS=on but .*no-such-cc"):
+        cpu_kernels.library()
+    assert not list(fresh_state.rglob("*.so*"))           # no partial build left behind
+
+
+def test_a_compiler_error_is_reported_with_its_output(fresh_state, monkeypatch):
+    fake = fresh_state / "cc"
+    fake.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv(cpu_kernels.ENV, "on")
+    with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match="failed to build cpu_kernels.c: error: this compiler"):
+        cpu_kernels.library()
+    assert not list(fresh_state.rglob("*.so*"))
