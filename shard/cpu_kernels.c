@@ -56,6 +56,46 @@ void caravan_linear_f32(const float *x, const float *w, float *y, int64_t batch,
     }
 }
 
+/* e^x for 8 floats, to about 2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6
+ * Taylor polynomial; x below -87 flushes to 0, x above 88 saturates at e^88. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);      /* ln2 split in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+/* silu_mul_f32: y[t, j] = silu(gate_up[t, j]) * gate_up[t, inter + j], for the MLP's fused gate|up
+ * projection [rows, 2 * inter]; y is [rows, inter]. */
+void caravan_silu_mul_f32(const float *gate_up, float *y, int64_t rows, int64_t inter, int32_t threads) {
+    const int64_t vec = inter & ~(int64_t)7;
+    const __m256 one = _mm256_set1_ps(1.0f);
+#pragma omp parallel for schedule(static) num_threads(rows > 1 ? threads : 1)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *g = gate_up + t * 2 * inter, *u = g + inter;
+        float *yr = y + t * inter;
+        for (int64_t j = 0; j < vec; j += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + j);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(yr + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+        }
+        for (int64_t j = vec; j < inter; j++)
+            yr[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
 /* rms_norm_f32: y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), rows of length dim. */
 void caravan_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t dim, float eps,
                           int32_t threads) {
@@ -103,27 +143,6 @@ void caravan_rope_f32(float *x, int64_t row_stride, const float *cos, const floa
 
 #define CHUNK 128
 #define MAX_GROUP 64
-
-/* e^x for 8 floats (x <= 0 here: scores minus their maximum), to about 2 ulp: 2^n * p(r) with
- * x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial; x below -87 flushes to 0. */
-static inline __m256 exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);      /* ln2 split in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
-}
 
 /* paged_decode_attention_f32: one new token per sequence, attending to its first kv_len[d] cached
  * tokens (its own already written). q: token row token_index[d] of a [T, ...] tensor with rows

@@ -1,8 +1,8 @@
 """Hand-written CPU kernels (`cpu_kernels.c`) for what a decode step does slowly through PyTorch's
 CPU operators: a linear layer over a few rows (MKL reads the weight at about half the machine's
 read bandwidth there; this kernel at about 85%), and the small per-layer operations whose cost is
-mostly dispatch (RMSNorm is six operators, RoPE five, paged decode attention a gather, a mask and
-SDPA). `bench/decode.py` shows the effect end to end, `bench/cpu_linear.py` layer by layer.
+mostly dispatch (RMSNorm is six operators, RoPE five, SiLU-and-multiply two, paged decode attention a
+gather, a mask and SDPA). `bench/decode.py` shows the effect end to end, `bench/cpu_linear.py` layer by layer.
 
 The C file is compiled once per machine with the system C compiler into
 `$XDG_CACHE_HOME/caravan/kernels/` (about a second) and loaded with ctypes, which releases the GIL
@@ -105,6 +105,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
     return y
 
 
+def silu_mul(gate_up: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """silu(gate) * up for gate_up [rows, 2 * inter] (gate first); returns [rows, inter]."""
+    gate_up = gate_up.contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty(rows, inter, dtype=torch.float32)
+    lib.caravan_silu_mul_f32(gate_up.data_ptr(), y.data_ptr(), rows, inter, torch.get_num_threads())
+    return y
+
+
 def rope_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, lib: ctypes.CDLL) -> None:
     """Rotates in place the first `heads` heads of x [T, any heads, head_dim] (contiguous)."""
     assert x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
@@ -155,6 +164,7 @@ def _load() -> ctypes.CDLL:
         "caravan_linear_f32": [p, p, p, i64, i64, i64, i32],
         "caravan_rms_norm_f32": [p, p, p, i64, i64, f32, i32],
         "caravan_rope_f32": [p, i64, p, p, i64, i64, i64],
+        "caravan_silu_mul_f32": [p, p, i64, i64, i32],
         "caravan_paged_decode_attention_f32": [p, i64, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
     }
     for name, argtypes in signatures.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shard import cpu_kernels
 from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
 from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
@@ -70,8 +71,13 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.ctx.all_reduce(self.down_proj(torch.nn.functional.silu(gate) * up))
+        gate_up = self.gate_up_proj(x)
+        if (lib := cpu_kernels.for_tensor(gate_up)) is not None:
+            act = cpu_kernels.silu_mul(gate_up, lib)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+        return self.ctx.all_reduce(self.down_proj(act))
 
     def checkpoint_slices(self, prefix: str) -> dict[str, list[TensorSlice]]:
         return {

@@ -57,6 +57,15 @@ def test_rms_norm_matches_torch(rows, dim):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (6, 13)])
+def test_silu_mul_matches_torch_over_the_whole_range(rows, inter):
+    gate_up = torch.randn(rows, 2 * inter) * 30             # deep into both tails of the sigmoid
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up, lib), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+
+
+@needs_kernels
 def test_rope_rotates_only_the_first_heads_in_place():
     T, heads, rotated, D = 5, 7, 5, 64
     x = torch.randn(T, heads, D)
