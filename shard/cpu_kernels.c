@@ -36,12 +36,19 @@ void caravan_linear_f32(const float *x, const float *w, float *y, int64_t batch,
         const float *wr[ROWS];
         for (int r = 0; r < ROWS; r++)
             wr[r] = w + (o0 + (r < rows ? r : 0)) * in;  /* a short last block repeats its first row */
+        /* While this block is multiplied by rows 0..ROWS-1 of x, the next block's weight row b is
+         * fetched from memory, so that at several rows the weight stream overlaps the arithmetic. */
+        const int prefetch = batch >= 4 && blk + 1 < blocks;
         for (int64_t b = 0; b < batch; b++) {
             const float *xb = x + b * in;
+            const float *next = w + (o0 + ROWS + (b % ROWS)) * in;
+            const int fetch = prefetch && b < ROWS && o0 + ROWS + b < out;
             __m256 acc[ROWS];
             for (int r = 0; r < ROWS; r++)
                 acc[r] = _mm256_setzero_ps();
             for (int64_t i = 0; i < vec_in; i += 8) {
+                if (fetch && (i & 15) == 0)
+                    _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
                 const __m256 xv = _mm256_loadu_ps(xb + i);
                 for (int r = 0; r < ROWS; r++)
                     acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[r] + i), xv, acc[r]);
@@ -142,16 +149,17 @@ void caravan_rope_f32(float *x, int64_t row_stride, const float *cos, const floa
 }
 
 #define CHUNK 128
-#define MAX_GROUP 64
+#define MAX_HEADS 128
 
 /* paged_decode_attention_f32: one new token per sequence, attending to its first kv_len[d] cached
  * tokens (its own already written). q: token row token_index[d] of a [T, ...] tensor with rows
  * q_stride apart, heads contiguous; caches: [blocks, block_size, kv_heads, head_dim]; block table
  * row seq_index[d] of block_tables ([B, table_stride]); out: [D, heads, head_dim].
- * One task per (sequence, KV head): each key and value is loaded once for the query heads that
- * share it. Softmax runs over chunks of CHUNK keys with a running maximum, so no buffer grows with
- * the context. head_dim is a multiple of 8 and at most 512, heads / kv_heads at most MAX_GROUP
- * (the caller checks). */
+ * One task per sequence, walking its keys in cache order: a key's heads are contiguous, so every
+ * block is read front to back once (the prefetcher streams it; the cache is cold at every layer),
+ * each key and value serving all the query heads that share it. Softmax runs over chunks of CHUNK
+ * keys with a running maximum, so no buffer grows with the context; the sequence's rows of `out`
+ * are the accumulators. The caller checks: head_dim a multiple of 8, heads at most MAX_HEADS. */
 void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const int64_t *token_index,
                                         const float *k_cache, const float *v_cache, const int64_t *block_tables,
                                         int64_t table_stride, const int64_t *seq_index, const int64_t *kv_len,
@@ -160,89 +168,85 @@ void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const 
     const int64_t group = heads / kv_heads;
     const int64_t token_stride = kv_heads * head_dim;
     const int64_t nv = head_dim / 8;
-#pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_decodes > 1 ? threads : 1)
     for (int64_t d = 0; d < num_decodes; d++) {
-        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
-            const float *qg = q + token_index[d] * q_stride + kvh * group * head_dim;
-            const int64_t *table = block_tables + seq_index[d] * table_stride;
-            const int64_t len = kv_len[d];
-            float *og = out + (d * heads + kvh * group) * head_dim;
-            float *accg = og;  /* the group's rows of `out` accumulate, then are normalised */
-            float scores[MAX_GROUP][CHUNK] __attribute__((aligned(32)));
-            float running_max[MAX_GROUP], total[MAX_GROUP];
-            int64_t offset[CHUNK];  /* cache offset of each key of the chunk */
-            for (int64_t i = 0; i < group * head_dim; i++)
-                accg[i] = 0.0f;
-            for (int64_t g = 0; g < group; g++) {
-                running_max[g] = -INFINITY;
-                total[g] = 0.0f;
-            }
-            for (int64_t c0 = 0; c0 < len; c0 += CHUNK) {
-                const int64_t n = len - c0 < CHUNK ? len - c0 : CHUNK;
-                for (int64_t j = 0, blk = c0 / block_size, in_blk = c0 % block_size; j < n; j++) {
-                    offset[j] = (table[blk] * block_size + in_blk) * token_stride + kvh * head_dim;
-                    if (++in_blk == block_size) {
-                        in_blk = 0;
-                        blk++;
-                    }
-                }
-                /* scores of this chunk's keys against every query head of the group */
-                for (int64_t j = 0; j < n; j++) {
-                    const float *kv = k_cache + offset[j];
-                    for (int64_t g = 0; g < group; g++) {
-                        const float *qv = qg + g * head_dim;
-                        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                        int64_t i = 0;
-                        for (; i + 1 < nv; i += 2) {
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i), _mm256_loadu_ps(kv + 8 * i), a0);
-                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i + 8), _mm256_loadu_ps(kv + 8 * i + 8), a1);
-                        }
-                        if (i < nv)
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i), _mm256_loadu_ps(kv + 8 * i), a0);
-                        scores[g][j] = hsum(_mm256_add_ps(a0, a1)) * scale;
-                    }
-                }
-                /* softmax weights, rescaling what was accumulated under an older maximum */
-                for (int64_t g = 0; g < group; g++) {
-                    float m = running_max[g];
-                    for (int64_t j = 0; j < n; j++)
-                        m = scores[g][j] > m ? scores[g][j] : m;
-                    const float rescale = expf(running_max[g] - m);  /* 0 on the first chunk */
-                    running_max[g] = m;
-                    total[g] *= rescale;
-                    const __m256 rv = _mm256_set1_ps(rescale), mv = _mm256_set1_ps(m);
-                    for (int64_t i = 0; i < head_dim; i += 8)
-                        _mm256_storeu_ps(accg + g * head_dim + i, _mm256_mul_ps(rv, _mm256_loadu_ps(accg + g * head_dim + i)));
-                    int64_t j = 0;
-                    __m256 sum = _mm256_setzero_ps();
-                    for (; j + 8 <= n; j += 8) {
-                        const __m256 p = exp256(_mm256_sub_ps(_mm256_load_ps(&scores[g][j]), mv));
-                        _mm256_store_ps(&scores[g][j], p);
-                        sum = _mm256_add_ps(sum, p);
-                    }
-                    float t = hsum(sum);
-                    for (; j < n; j++) {
-                        scores[g][j] = expf(scores[g][j] - m);
-                        t += scores[g][j];
-                    }
-                    total[g] += t;
-                }
-                /* weighted values */
-                for (int64_t j = 0; j < n; j++) {
-                    const float *vv = v_cache + offset[j];
-                    for (int64_t g = 0; g < group; g++) {
-                        const __m256 pv = _mm256_set1_ps(scores[g][j]);
-                        float *a = accg + g * head_dim;
-                        for (int64_t i = 0; i < head_dim; i += 8)
-                            _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(a + i)));
-                    }
+        const float *qd = q + token_index[d] * q_stride;
+        const int64_t *table = block_tables + seq_index[d] * table_stride;
+        const int64_t len = kv_len[d];
+        float *acc = out + d * heads * head_dim;
+        float scores[MAX_HEADS][CHUNK] __attribute__((aligned(32)));
+        float running_max[MAX_HEADS], total[MAX_HEADS];
+        int64_t offset[CHUNK];  /* cache offset of each key of the chunk */
+        for (int64_t i = 0; i < heads * head_dim; i++)
+            acc[i] = 0.0f;
+        for (int64_t h = 0; h < heads; h++) {
+            running_max[h] = -INFINITY;
+            total[h] = 0.0f;
+        }
+        for (int64_t c0 = 0; c0 < len; c0 += CHUNK) {
+            const int64_t n = len - c0 < CHUNK ? len - c0 : CHUNK;
+            for (int64_t j = 0, blk = c0 / block_size, in_blk = c0 % block_size; j < n; j++) {
+                offset[j] = (table[blk] * block_size + in_blk) * token_stride;
+                if (++in_blk == block_size) {
+                    in_blk = 0;
+                    blk++;
                 }
             }
-            for (int64_t g = 0; g < group; g++) {
-                const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
+            /* scores of this chunk's keys against every query head */
+            for (int64_t j = 0; j < n; j++) {
+                for (int64_t h = 0; h < heads; h++) {
+                    const float *kv = k_cache + offset[j] + (h / group) * head_dim, *qv = qd + h * head_dim;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                    int64_t i = 0;
+                    for (; i + 1 < nv; i += 2) {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i), _mm256_loadu_ps(kv + 8 * i), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i + 8), _mm256_loadu_ps(kv + 8 * i + 8), a1);
+                    }
+                    if (i < nv)
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * i), _mm256_loadu_ps(kv + 8 * i), a0);
+                    scores[h][j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+                }
+            }
+            /* softmax weights, rescaling what was accumulated under an older maximum */
+            for (int64_t h = 0; h < heads; h++) {
+                float m = running_max[h];
+                for (int64_t j = 0; j < n; j++)
+                    m = scores[h][j] > m ? scores[h][j] : m;
+                const float rescale = expf(running_max[h] - m);  /* 0 on the first chunk */
+                running_max[h] = m;
+                total[h] *= rescale;
+                const __m256 rv = _mm256_set1_ps(rescale), mv = _mm256_set1_ps(m);
                 for (int64_t i = 0; i < head_dim; i += 8)
-                    _mm256_storeu_ps(og + g * head_dim + i, _mm256_mul_ps(inv, _mm256_loadu_ps(accg + g * head_dim + i)));
+                    _mm256_storeu_ps(acc + h * head_dim + i, _mm256_mul_ps(rv, _mm256_loadu_ps(acc + h * head_dim + i)));
+                int64_t j = 0;
+                __m256 sum = _mm256_setzero_ps();
+                for (; j + 8 <= n; j += 8) {
+                    const __m256 p = exp256(_mm256_sub_ps(_mm256_load_ps(&scores[h][j]), mv));
+                    _mm256_store_ps(&scores[h][j], p);
+                    sum = _mm256_add_ps(sum, p);
+                }
+                float t = hsum(sum);
+                for (; j < n; j++) {
+                    scores[h][j] = expf(scores[h][j] - m);
+                    t += scores[h][j];
+                }
+                total[h] += t;
             }
+            /* weighted values */
+            for (int64_t j = 0; j < n; j++) {
+                for (int64_t h = 0; h < heads; h++) {
+                    const float *vv = v_cache + offset[j] + (h / group) * head_dim;
+                    const __m256 pv = _mm256_set1_ps(scores[h][j]);
+                    float *a = acc + h * head_dim;
+                    for (int64_t i = 0; i < head_dim; i += 8)
+                        _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(a + i)));
+                }
+            }
+        }
+        for (int64_t h = 0; h < heads; h++) {
+            const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
+            for (int64_t i = 0; i < head_dim; i += 8)
+                _mm256_storeu_ps(acc + h * head_dim + i, _mm256_mul_ps(inv, _mm256_loadu_ps(acc + h * head_dim + i)));
         }
     }
 }

@@ -34,7 +34,7 @@ ENV = "CARAVAN_CPU_KERNELS"
 MAX_ROWS = 16            # above this, MKL's GEMM is as fast or faster (bench/cpu_linear.py)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-MAX_HEAD_DIM = 512       # the attention kernel's accumulator
+MAX_HEADS = 128          # query heads per rank the attention kernel takes (its score buffer: 64 KiB)
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -130,7 +130,7 @@ def paged_decode_attention(q: torch.Tensor, token_index: torch.Tensor, k_cache: 
     _, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     assert q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and heads % kv_heads == 0
+    assert head_dim % 8 == 0 and heads <= MAX_HEADS and heads % kv_heads == 0
     tables = block_tables.contiguous()
     out = torch.empty(len(token_index), heads, head_dim, dtype=torch.float32)
     lib.caravan_paged_decode_attention_f32(
