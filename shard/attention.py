@@ -47,6 +47,11 @@ class AttentionMetadata:
     decode_kv_lens: torch.Tensor    # [D] keys each decode attends to (its context and itself)
     starts: list[int]               # first row of each sequence in the packed batch
 
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence of the step decodes one token (sequence i is row i of the batch)."""
+        return bool(self.query_lens) and not self.prefill_ids
+
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, device: torch.device | str | None = None) -> "AttentionMetadata":

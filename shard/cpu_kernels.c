@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define ROWS 8
 
@@ -249,4 +250,46 @@ void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const 
                 _mm256_storeu_ps(acc + h * head_dim + i, _mm256_mul_ps(inv, _mm256_loadu_ps(acc + h * head_dim + i)));
         }
     }
+}
+
+/* The two halves of a decoder layer for a decode-only step (every sequence one new token, at most a
+ * few rows), each one call from Python instead of a dozen operators. Outputs come before the
+ * tensor-parallel all-reduce and without the residual, which the caller adds. Scratch memory is
+ * the caller's: `scratch` holds rows * (hidden + (heads + 2 kv_heads + heads) * head_dim) floats for
+ * the attention half and rows * (hidden + 3 inter) for the MLP half. */
+
+/* out = o_proj(attention(rope(qkv_proj(rms_norm(h))))), writing the new keys and values to the cache
+ * at slot_mapping (sequence d is row d and row d of block_tables). */
+void caravan_decode_attention_block_f32(const float *h, int64_t rows, int64_t hidden, const float *norm_w,
+                                        float eps, const float *qkv_w, int64_t heads, int64_t kv_heads,
+                                        int64_t head_dim, const float *cos, const float *sin, float *k_cache,
+                                        float *v_cache, const int64_t *slot_mapping, const int64_t *seq_rows,
+                                        const int64_t *block_tables, int64_t table_stride, const int64_t *kv_len,
+                                        int64_t block_size, float scale, const float *o_w, float *out,
+                                        float *scratch, int32_t threads) {
+    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, kv_width = kv_heads * head_dim;
+    float *x = scratch, *qkv = x + rows * hidden, *attn = qkv + rows * qkv_width;
+    caravan_rms_norm_f32(h, norm_w, x, rows, hidden, eps, threads);
+    caravan_linear_f32(x, qkv_w, qkv, rows, hidden, qkv_width, threads);
+    caravan_rope_f32(qkv, qkv_width, cos, sin, rows, heads + kv_heads, head_dim);
+    for (int64_t t = 0; t < rows; t++) {
+        memcpy(k_cache + slot_mapping[t] * kv_width, qkv + t * qkv_width + heads * head_dim, kv_width * sizeof(float));
+        memcpy(v_cache + slot_mapping[t] * kv_width, qkv + t * qkv_width + (heads + kv_heads) * head_dim,
+               kv_width * sizeof(float));
+    }
+    caravan_paged_decode_attention_f32(qkv, qkv_width, seq_rows, k_cache, v_cache, block_tables, table_stride,
+                                       seq_rows, kv_len, rows, heads, kv_heads, head_dim, block_size, scale, attn,
+                                       threads);
+    caravan_linear_f32(attn, o_w, out, rows, heads * head_dim, hidden, threads);
+}
+
+/* out = down_proj(silu(gate) * up), [gate | up] = gate_up_proj(rms_norm(h)). */
+void caravan_mlp_block_f32(const float *h, int64_t rows, int64_t hidden, const float *norm_w, float eps,
+                           const float *gate_up_w, int64_t inter, const float *down_w, float *out, float *scratch,
+                           int32_t threads) {
+    float *x = scratch, *gate_up = x + rows * hidden, *act = gate_up + rows * 2 * inter;
+    caravan_rms_norm_f32(h, norm_w, x, rows, hidden, eps, threads);
+    caravan_linear_f32(x, gate_up_w, gate_up, rows, hidden, 2 * inter, threads);
+    caravan_silu_mul_f32(gate_up, act, rows, inter, threads);
+    caravan_linear_f32(act, down_w, out, rows, inter, hidden, threads);
 }

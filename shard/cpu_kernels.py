@@ -140,6 +140,42 @@ def paged_decode_attention(q: torch.Tensor, token_index: torch.Tensor, k_cache: 
     return out
 
 
+def decode_attention_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, heads: int,
+                           kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_rows: torch.Tensor,
+                           block_tables: torch.Tensor, kv_len: torch.Tensor, scale: float, o_w: torch.Tensor,
+                           lib: ctypes.CDLL) -> torch.Tensor:
+    """The attention half of a decoder layer for a decode-only step, before the all-reduce and the
+    residual: o_proj(attention(rope(qkv_proj(rms_norm(h))))); new keys and values go to the cache."""
+    rows, hidden = h.shape
+    head_dim = k_cache.shape[-1]
+    assert h.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
+    assert sin.is_contiguous() and head_dim % 8 == 0 and heads <= MAX_HEADS and rows <= MAX_ROWS
+    tables = block_tables.contiguous()
+    out = torch.empty(rows, o_w.shape[0], dtype=torch.float32)
+    scratch = torch.empty(rows * (hidden + (2 * heads + 2 * kv_heads) * head_dim), dtype=torch.float32)
+    lib.caravan_decode_attention_block_f32(
+        h.data_ptr(), rows, hidden, norm_w.data_ptr(), eps, qkv_w.data_ptr(), heads, kv_heads, head_dim,
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        seq_rows.data_ptr(), tables.data_ptr(), tables.stride(0), kv_len.data_ptr(), k_cache.shape[1], scale,
+        o_w.data_ptr(), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def mlp_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up_w: torch.Tensor, down_w: torch.Tensor,
+              lib: ctypes.CDLL) -> torch.Tensor:
+    """The MLP half of a decoder layer for a few rows, before the all-reduce and the residual:
+    down_proj(silu(gate) * up) of rms_norm(h)."""
+    rows, hidden = h.shape
+    inter = gate_up_w.shape[0] // 2
+    assert h.is_contiguous() and rows <= MAX_ROWS
+    out = torch.empty(rows, down_w.shape[0], dtype=torch.float32)
+    scratch = torch.empty(rows * (hidden + 3 * inter), dtype=torch.float32)
+    lib.caravan_mlp_block_f32(h.data_ptr(), rows, hidden, norm_w.data_ptr(), eps, gate_up_w.data_ptr(), inter,
+                              down_w.data_ptr(), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -166,6 +202,9 @@ def _load() -> ctypes.CDLL:
         "caravan_rope_f32": [p, i64, p, p, i64, i64, i64],
         "caravan_silu_mul_f32": [p, p, i64, i64, i32],
         "caravan_paged_decode_attention_f32": [p, i64, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
+        "caravan_decode_attention_block_f32": [p, i64, i64, p, f32, p, i64, i64, i64, p, p, p, p, p, p, p, i64, p,
+                                               i64, f32, p, p, p, i32],
+        "caravan_mlp_block_f32": [p, i64, i64, p, f32, p, i64, p, p, p, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

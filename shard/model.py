@@ -96,8 +96,33 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ctx, dtype, device)
 
     def forward(self, h, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
+        if (lib := self._decode_kernels(h, meta)) is not None:
+            return self._forward_decode_on_cpu(lib, h, cos, sin, k_cache, v_cache, meta)
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _decode_kernels(self, h: torch.Tensor, meta: AttentionMetadata):
+        """The CPU kernels, where this step can run each half of the layer as one call: float32 on
+        CPU, a decode-only step of at most `cpu_kernels.MAX_ROWS` sequences, shapes the kernels take."""
+        a = self.self_attn
+        if (not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or a.head_dim % 8
+                or a.local_heads > cpu_kernels.MAX_HEADS):
+            return None
+        return cpu_kernels.for_tensor(h)
+
+    def _forward_decode_on_cpu(self, lib, h, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """The same layer as `forward`'s operators, in two kernel calls (see cpu_kernels.c): at a few
+        rows the dozen operators' dispatch cost as much as their arithmetic."""
+        a, m = self.self_attn, self.mlp
+        h = h.contiguous()
+        attn = cpu_kernels.decode_attention_block(
+            h, self.input_layernorm.weight, self.input_layernorm.eps, a.qkv_proj.weight, a.local_heads,
+            a.local_kv_heads, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.decode_ids, meta.block_tables,
+            meta.decode_kv_lens, a.scale, a.o_proj.weight, lib)
+        h = h + a.ctx.all_reduce(attn)
+        mlp = cpu_kernels.mlp_block(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                                    m.gate_up_proj.weight, m.down_proj.weight, lib)
+        return h + m.ctx.all_reduce(mlp)
 
     def checkpoint_slices(self, prefix: str) -> dict[str, list[TensorSlice]]:
         out = {

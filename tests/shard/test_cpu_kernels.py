@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from shard import cpu_kernels
 from shard.attention import AttentionMetadata, paged_attention
 from shard.layers import apply_rotary, apply_rotary_, linear
+from shard.layout import Layout
+from shard.parallel import ParallelContext
+from shard.sampler import SamplingParams
+from shard.worker import SeqChunk, ShardWorker, StepInput
+from tests.synthetic import make_llama
 
 lib = cpu_kernels.library()
 needs_kernels = pytest.mark.skipif(lib is None, reason=f"CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
@@ -180,3 +185,30 @@ def test_a_compiler_error_is_reported_with_its_output(fresh_state, monkeypatch):
     with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match="failed to build cpu_kernels.c: error: this compiler"):
         cpu_kernels.library()
     assert not list(fresh_state.rglob("*.so*"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, cpu_kernels.MAX_ROWS + 1])  # the last takes the operators' path in both
+def test_decode_steps_through_the_layer_kernels_match_the_operators(tmp_path, monkeypatch, rows):
+    # Prefills run the operators in both workers; the decode steps after them run each half of every
+    # layer as one kernel call in the first, PyTorch's operators in the second.
+    path = make_llama(tmp_path / "m", layers=2, heads=6, kv_heads=2, head_dim=16, intermediate=72)
+    workers = [ShardWorker(path, ParallelContext(Layout()), num_blocks=128, block_size=4, progress=False)
+               for _ in range(2)]
+    states = [{"lib": lib, "why": ""}, {"lib": None, "why": "off for the reference"}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    prompts = [[3 + i] * (2 + i % 5) for i in range(rows)]
+    tables = [[4 * i + j for j in range(4)] for i in range(rows)]
+    tokens = [None, None]
+    for step in range(6):
+        outs = []
+        for w, (worker, state) in enumerate(zip(workers, states)):
+            monkeypatch.setattr(cpu_kernels, "_state", state)
+            seqs = [SeqChunk(i, prompts[i] if step == 0 else [tokens[w][i]],
+                             0 if step == 0 else len(prompts[i]) + step - 1, tables[i], greedy, step)
+                    for i in range(rows)]
+            out = worker.execute(StepInput(seqs, return_logits=True))
+            tokens[w] = [out.samples[i].token_id for i in range(rows)]
+            outs.append(out.logits)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        assert tokens[0] == tokens[1]
