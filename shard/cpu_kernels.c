@@ -1,11 +1,13 @@
 /* CPU kernels for the decode step, built on first use by shard/cpu_kernels.py.
  *
  * linear_f32: y[b, o] = sum_i x[b, i] * w[o, i] for a short batch (the rows of a decode step).
- * At 1 to 16 rows a linear layer is a matrix-vector product in disguise: the weight is read once
+ * At a few rows a linear layer is a matrix-vector product in disguise: the weight is read once
  * from memory and each element meets a handful of inputs, so speed is how fast the weight
  * streams. MKL's GEMM reaches about half this machine's read bandwidth there; this kernel walks 8
  * weight rows at a time (8 sequential streams for the prefetcher, 8 independent FMA chains) and
- * dots each with every input row while those rows sit in L1.
+ * dots each with every input row while those rows sit in L1. From about 16 rows the arithmetic
+ * dominates; prefetching the next block's weights while multiplying keeps it ahead of MKL's GEMM,
+ * which packs the weight on every call, up to about 64 rows.
  *
  * Threads: OpenMP over blocks of output rows. It must be the same OpenMP runtime as PyTorch's
  * (the build links PyTorch's libgomp), or two thread pools would spin against each other.

@@ -193,7 +193,7 @@ def test_decode_steps_through_the_layer_kernels_match_the_operators(tmp_path, mo
     # Prefills run the operators in both workers; the decode steps after them run each half of every
     # layer as one kernel call in the first, PyTorch's operators in the second.
     path = make_llama(tmp_path / "m", layers=2, heads=6, kv_heads=2, head_dim=16, intermediate=72)
-    workers = [ShardWorker(path, ParallelContext(Layout()), num_blocks=128, block_size=4, progress=False)
+    workers = [ShardWorker(path, ParallelContext(Layout()), num_blocks=4 * rows, block_size=4, progress=False)
                for _ in range(2)]
     states = [{"lib": lib, "why": ""}, {"lib": None, "why": "off for the reference"}]
     greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
