@@ -22,9 +22,9 @@ from shard.config import RopeScaling
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. On CPU the rows of a decode step take faster paths than F.linear's addmm:
-    up to 64 rows in float32, the hand-written kernel of `shard.cpu_kernels` (it streams the weight
-    at near the memory bandwidth, where MKL reaches about half); up to 256 rows, MKL's GEMM as
-    (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long prefills take the plain
+    up to 128 rows in float32, the hand-written kernel of `shard.cpu_kernels` (it streams the weight
+    at near the memory bandwidth, where MKL reaches about half); without it, up to 256 rows, MKL's
+    GEMM as (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long prefills take the plain
     path. `bench/cpu_linear.py` measures the three."""
     if x.device.type == "cpu":
         rows = x.shape[0]
