@@ -22,10 +22,10 @@ from shard.config import RopeScaling
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. On CPU the rows of a decode step take faster paths than F.linear's addmm:
-    up to 128 rows in float32, the hand-written kernel of `shard.cpu_kernels` (it streams the weight
-    at near the memory bandwidth, where MKL reaches about half); without it, up to 256 rows, MKL's
-    GEMM as (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long prefills take the plain
-    path. `bench/cpu_linear.py` measures the three."""
+    up to 128 rows in float32, the hand-written kernel of `shard.cpu_kernels` (it streams the
+    weight at near the memory bandwidth, where MKL reaches about half); without it, up to 256
+    rows, MKL's GEMM as (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long
+    prefills take the plain path. `bench/cpu_linear.py` measures the three."""
     if x.device.type == "cpu":
         rows = x.shape[0]
         if rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.float32 and (lib := cpu_kernels.for_tensor(x)):
