@@ -228,10 +228,14 @@ def _build() -> Path:
     target = cache / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     log.info("building CPU kernels (once per machine): %s -> %s", SOURCE.name, target)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
-    os.close(fd)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        os.close(fd)
+    except OSError as e:
+        raise CpuKernelsUnavailable(f"the kernel cache {cache} is not writable ({e.strerror}); "
+                                    f"set XDG_CACHE_HOME to a writable folder") from None
     try:
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *link], capture_output=True, text=True,
                               timeout=120)

@@ -161,6 +161,7 @@ def test_auto_builds_once_into_the_cache_and_reuses_the_build(fresh_state, monke
     assert built[0].stat().st_mtime_ns == stamp
 
 
+@needs_kernels  # on a CPU the kernels do not support, that is the reason given instead
 def test_without_a_compiler_auto_warns_and_on_refuses(fresh_state, monkeypatch, caplog):
     monkeypatch.setenv("CC", str(fresh_state / "no-such-cc"))
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
@@ -176,6 +177,7 @@ def test_without_a_compiler_auto_warns_and_on_refuses(fresh_state, monkeypatch, 
     assert not list(fresh_state.rglob("*.so*"))           # no partial build left behind
 
 
+@needs_kernels  # on a CPU the kernels do not support, that is the reason given instead
 def test_a_compiler_error_is_reported_with_its_output(fresh_state, monkeypatch):
     fake = fresh_state / "cc"
     fake.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
@@ -212,3 +214,11 @@ def test_decode_steps_through_the_layer_kernels_match_the_operators(tmp_path, mo
             outs.append(out.logits)
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         assert tokens[0] == tokens[1]
+
+
+@needs_kernels  # on a CPU the kernels do not support, that is the reason given instead
+def test_an_unwritable_cache_names_the_folder_and_the_fix(fresh_state, monkeypatch):
+    (fresh_state / "caravan").write_text("a file where the cache folder should be")
+    monkeypatch.setenv(cpu_kernels.ENV, "on")
+    with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match="kernel cache .* is not writable.*XDG_CACHE_HOME"):
+        cpu_kernels.library()
