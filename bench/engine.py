@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,8 +64,11 @@ def run_caravan(model_dir, prompts, new_tokens: int, threads: int) -> Result:
     return asyncio.run(run())
 
 
-def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1) -> Result:
-    """One replica of TP 1 x PP `pp` as Ray actors with `threads` each, the engine in this process."""
+@contextmanager
+def ray_replica(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1, name: str = "bench"):
+    """One replica of TP 1 x PP `pp` as Ray actors with `threads` each (Ray already started), the
+    engine in this process; its placement group goes when the block ends (close the engine first,
+    on the event loop that used it)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -79,17 +83,21 @@ def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1) -
                                  "timeouts": {"step_s": 120}})
     pg = placement_group(replica_bundles(Layout(1, pp), "CPU"), strategy="PACK")
     ray.get(pg.ready())
-    replica = start_replica(cfg, str(model_dir), pg, f"bench-pp{pp}", "CPU")
-
-    async def run():
-        try:
-            return await drive(replica.engine, prompts, new_tokens)
-        finally:
-            await replica.engine.close()
     try:
-        result = asyncio.run(run())
+        yield start_replica(cfg, str(model_dir), pg, f"{name}-pp{pp}", "CPU")
     finally:
         remove_placement_group(pg)
+
+
+def run_ray_pp(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1) -> Result:
+    """`drive` over a `ray_replica`."""
+    with ray_replica(model_dir, prompts, new_tokens, pp, threads) as replica:
+        async def run():
+            try:
+                return await drive(replica.engine, prompts, new_tokens)
+            finally:
+                await replica.engine.close()
+        result = asyncio.run(run())
     return Result(f"caravan PP {pp}", result.tokens, result.seconds)
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import BLOCK, drive  # noqa: E402
+from engine import drive, ray_replica  # noqa: E402
 from workload import make_prompts  # noqa: E402
 
 
@@ -61,14 +61,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
 
     import cluster.actors
-    from cluster.config import ServeConfig
-    from cluster.placement import replica_bundles
-    from cluster.replica import start_replica
     from shard.demo import ensure_demo_model
-    from shard.layout import Layout
 
     dispatches: list[list] = []   # per step, in dispatch order (as the actors run them): [first seq id, sent, returned]
     execute = cluster.actors.RayExecutor.execute
@@ -83,28 +78,20 @@ def main() -> None:
 
     model_dir = ensure_demo_model()
     prompts = make_prompts(model_dir, args.requests)
-    blocks = len(prompts) * -(-(len(prompts[0]) + args.new_tokens) // BLOCK) + 8 * args.pp
-    cfg = ServeConfig.from_dict({"layout": {"tp": 1, "pp": args.pp},
-                                 "kv_cache": {"block_size": BLOCK, "num_blocks": blocks},
-                                 "scheduler": {"max_num_seqs": len(prompts)}, "shard": {"cpu_threads": 1},
-                                 "timeouts": {"step_s": 120}})
     ray.init(num_cpus=2 * args.pp, logging_level="WARNING", include_dashboard=False)
-    pg = placement_group(replica_bundles(Layout(1, args.pp), "CPU"), strategy="PACK")
-    ray.get(pg.ready())
-    replica = start_replica(cfg, str(model_dir), pg, f"pp-steps-{args.pp}", "CPU")
-    ray.get([a.__ray_call__.remote(instrument) for a in replica.actors])
-
-    async def run():
-        try:
-            result = await drive(replica.engine, prompts, args.new_tokens)
-            logs = [await a.__ray_call__.remote(lambda self: self._step_log) for a in replica.actors]
-            return result, logs
-        finally:
-            await replica.engine.close()
     try:
-        result, logs = asyncio.run(run())
+        with ray_replica(model_dir, prompts, args.new_tokens, args.pp, name="pp-steps") as replica:
+            ray.get([a.__ray_call__.remote(instrument) for a in replica.actors])
+
+            async def run():
+                try:
+                    result = await drive(replica.engine, prompts, args.new_tokens)
+                    logs = [await a.__ray_call__.remote(lambda self: self._step_log) for a in replica.actors]
+                    return result, logs
+                finally:
+                    await replica.engine.close()
+            result, logs = asyncio.run(run())
     finally:
-        remove_placement_group(pg)
         ray.shutdown()
 
     timed = [i for i, (first, _, _) in enumerate(dispatches) if first != 0]   # seq 0 is drive()'s warm-up

@@ -110,7 +110,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out[start:start + qlen] = oi.transpose(0, 1)
 
     if meta.decode_mask is not None and (lib := cpu_kernels.for_tensor(q)) is not None \
-            and head_dim % 8 == 0 and q.shape[1] <= cpu_kernels.MAX_HEADS:
+            and cpu_kernels.attention_fits(q.shape[1], head_dim):
         od = cpu_kernels.paged_decode_attention(q, meta.decode_token_index, k_cache, v_cache, meta.block_tables,
                                                 meta.decode_ids, meta.decode_kv_lens, scale, lib)
         if out is None:

@@ -177,7 +177,10 @@ void caravan_rope_f32(float *x, int64_t row_stride, const float *cos, const floa
 }
 
 #define CHUNK 128
-#define MAX_HEADS 128
+#ifndef CARAVAN_MAX_HEADS
+#error "build with -DCARAVAN_MAX_HEADS (shard/cpu_kernels.py passes cpu_kernels.MAX_HEADS)"
+#endif
+#define MAX_HEADS CARAVAN_MAX_HEADS
 
 /* paged_decode_attention_f32: one new token per sequence, attending to its first kv_len[d] cached
  * tokens (its own already written). q: token row token_index[d] of a [T, ...] tensor with rows

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 ENV = "CARAVAN_CPU_KERNELS"
 MAX_ROWS = 128           # the kernel beats MKL's GEMM up to here: 1.8x at 16 rows, 1.1x at 128 (bench/cpu_linear.py)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_HEADS = 128          # query heads per rank the attention kernel takes (its score buffer: 64 KiB)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c99", f"-DCARAVAN_MAX_HEADS={MAX_HEADS}"]
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -67,8 +67,8 @@ def library() -> ctypes.CDLL | None:
                     if choice == "on":
                         raise CpuKernelsUnavailable(f"{ENV}=on but {e}") from None
                     why = str(e)
-                    log.warning("CPU kernels unavailable (%s); linear layers of decode steps use PyTorch's matmul, "
-                                "up to 1.5x slower at small batches. Set %s=off to silence this.", why, ENV)
+                    log.warning("CPU kernels unavailable (%s); decode steps use PyTorch's operators, up to 2x "
+                                "slower at a few sequences. Set %s=off to silence this.", why, ENV)
             _state["lib"], _state["why"] = lib, why
     return _state["lib"]  # type: ignore[return-value]
 
@@ -83,6 +83,11 @@ def for_tensor(x: torch.Tensor) -> ctypes.CDLL | None:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     return library()
+
+
+def attention_fits(heads: int, head_dim: int) -> bool:
+    """Whether the decode attention kernel takes these per-rank shapes."""
+    return head_dim % 8 == 0 and heads <= MAX_HEADS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
@@ -130,7 +135,7 @@ def paged_decode_attention(q: torch.Tensor, token_index: torch.Tensor, k_cache: 
     _, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     assert q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert head_dim % 8 == 0 and heads <= MAX_HEADS and heads % kv_heads == 0
+    assert attention_fits(heads, head_dim) and heads % kv_heads == 0
     tables = block_tables.contiguous()
     out = torch.empty(len(token_index), heads, head_dim, dtype=torch.float32)
     lib.caravan_paged_decode_attention_f32(
@@ -150,7 +155,7 @@ def decode_attention_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qk
     rows, hidden = h.shape
     head_dim = k_cache.shape[-1]
     assert h.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
-    assert sin.is_contiguous() and head_dim % 8 == 0 and heads <= MAX_HEADS and rows <= MAX_ROWS
+    assert sin.is_contiguous() and attention_fits(heads, head_dim) and rows <= MAX_ROWS
     tables = block_tables.contiguous()
     out = torch.empty(rows, o_w.shape[0], dtype=torch.float32)
     scratch = torch.empty(rows * (hidden + (2 * heads + 2 * kv_heads) * head_dim), dtype=torch.float32)

@@ -105,8 +105,8 @@ class DecoderLayer(nn.Module):
         """The CPU kernels, where this step can run each half of the layer as one call: float32 on
         CPU, a decode-only step of at most `cpu_kernels.MAX_ROWS` sequences, shapes the kernels take."""
         a = self.self_attn
-        if (not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or a.head_dim % 8
-                or a.local_heads > cpu_kernels.MAX_HEADS):
+        if not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or not cpu_kernels.attention_fits(
+                a.local_heads, a.head_dim):
             return None
         return cpu_kernels.for_tensor(h)
 

@@ -21,6 +21,7 @@ from shard.worker import SeqChunk, ShardWorker, StepInput
 from tests.synthetic import make_llama
 
 lib = cpu_kernels.library()
+OFF = {"lib": None, "why": "off for the reference"}   # the module's state with PyTorch's operators only
 needs_kernels = pytest.mark.skipif(lib is None, reason=f"CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
 
 
@@ -114,7 +115,7 @@ def run_attention(case, scale):
 def test_paged_decode_attention_matches_the_torch_path(monkeypatch, contexts, heads, kv_heads, head_dim, spread):
     case = decode_case(len(contexts), contexts, heads, kv_heads, head_dim, spread=spread)
     got = run_attention(case, head_dim ** -0.5)
-    monkeypatch.setattr(cpu_kernels, "_state", {"lib": None, "why": "off for the reference"})
+    monkeypatch.setattr(cpu_kernels, "_state", OFF)
     expected = run_attention(case, head_dim ** -0.5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -130,7 +131,7 @@ def test_a_mixed_step_sends_only_its_decodes_to_the_kernel(monkeypatch):
     q, k, v = (torch.randn(T, h, D, generator=g) for h in (heads, kv_heads, kv_heads))
     cache = torch.randn(8, block, kv_heads, D, generator=g), torch.randn(8, block, kv_heads, D, generator=g)
     got = paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), meta, D ** -0.5)
-    monkeypatch.setattr(cpu_kernels, "_state", {"lib": None, "why": "off for the reference"})
+    monkeypatch.setattr(cpu_kernels, "_state", OFF)
     expected = paged_attention(q, k, v, cache[0].clone(), cache[1].clone(), meta, D ** -0.5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -197,7 +198,7 @@ def test_decode_steps_through_the_layer_kernels_match_the_operators(tmp_path, mo
     path = make_llama(tmp_path / "m", layers=2, heads=6, kv_heads=2, head_dim=16, intermediate=72)
     workers = [ShardWorker(path, ParallelContext(Layout()), num_blocks=4 * rows, block_size=4, progress=False)
                for _ in range(2)]
-    states = [{"lib": lib, "why": ""}, {"lib": None, "why": "off for the reference"}]
+    states = [{"lib": lib, "why": ""}, OFF]
     greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     prompts = [[3 + i] * (2 + i % 5) for i in range(rows)]
     tables = [[4 * i + j for j in range(4)] for i in range(rows)]
