@@ -79,12 +79,14 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int, head_layers: int = 0) -
 
 
 def model_stage_layers(cfg: ModelConfig, pp: int, pp_rank: int) -> range:
-    """`stage_layers` balanced by weight: a step streams every weight of its stage once, so stages
-    that hold equal weight take equal time. The LM head counts in whole layers (SmolLM2: its
-    49152 x 576 head weighs 8 of its 3.5M-parameter layers; Llama 3.1 405B: under one, so no shift)."""
+    """`stage_layers` balanced by decode time. A decode step streams every weight of its stage once,
+    and a decoder layer costs a quarter more than its weights alone (attention over the cache, two
+    norms, the activation, its residual adds), so the LM head counts as its weight in such layers,
+    rounded down: SmolLM2's 49152 x 576 head as 6 of its 3.5M-parameter layers (18 and 12 layers on
+    PP 2); Llama 3.1 405B's as none. `python bench/pp_ceiling.py` prints each stage's step time."""
     h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
     layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    return stage_layers(cfg.num_layers, pp, pp_rank, head_layers=cfg.vocab_size * h // layer)
+    return stage_layers(cfg.num_layers, pp, pp_rank, head_layers=int(cfg.vocab_size * h / (1.25 * layer)))
 
 
 def _or_list(values: list[int]) -> str:
