@@ -158,6 +158,7 @@ class Router:
     async def close(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace=0.5)
         await self.backend.close()
@@ -176,7 +177,7 @@ class Router:
         # A busy replica completes a step at least every step_s; an idle one is probed each period.
         limit = t.step_s + 2 * t.health_check_period_s
         try:
-            infos = await asyncio.wait_for(self.backend.infos(), t.step_s)
+            infos = await _within(self.backend.infos(), t.step_s)
         except Exception as e:  # the registry is unreachable: nothing can be vouched for
             log.warning("cannot read replica reports: %s", e)
             infos = []
@@ -506,3 +507,18 @@ def build_router(config: ServeConfig, model_dir: str, backend: Backend, *,
     token, for_all, token_file = load_token(config.router, default_token_file or admin_token_file())
     return Router(config, tokenizer, limits, backend, model_name=Path(model_dir).name, admin_token=token,
                   token_for_all=for_all, token_file=token_file)
+
+
+async def _within(awaitable, timeout_s: float):
+    """`asyncio.wait_for` that never drops a cancel. On Python 3.11 wait_for returns the result when
+    the cancel lands as the awaitable completes; the health loop would then run on after close()."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    return task.result()

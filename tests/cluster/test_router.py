@@ -383,3 +383,58 @@ def test_tls_only_when_configured(smollm2_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"router.tls_key_file: cannot read .*missing.pem"):
         RouterThread(_stub_router(smollm2_dir, tmp_path, tls_cert_file=str(cert),
                                   tls_key_file=str(tmp_path / "missing.pem")))
+
+
+class GatedInfosBackend(StubBackend):
+    """infos() answers only when the test completes its future."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list[asyncio.Future] = []
+
+    async def infos(self):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        return await future
+
+
+def test_close_ends_the_health_loop_even_when_a_report_arrives_in_the_same_instant(smollm2_dir, tmp_path):
+    # close() cancels the health loop in the same event-loop pass in which the replicas' reports
+    # arrive. asyncio.wait_for on 3.11 would hand the reports back and drop the cancel, and the loop
+    # would go on polling a closed backend.
+    backend = GatedInfosBackend()
+
+    async def run():
+        make = _stub_router(smollm2_dir, tmp_path, backend)
+        starting = asyncio.ensure_future(make())
+        while not backend.pending:
+            await asyncio.sleep(0)
+        backend.pending.pop().set_result([])          # start()'s own first read
+        router = await starting
+        while not backend.pending:
+            await asyncio.sleep(0.01)                 # the loop's next read is waiting
+        backend.pending.pop().set_result([])          # the read completes in the next pass...
+        closing = asyncio.ensure_future(router.close())   # ...the same in which close() cancels the loop
+        await asyncio.wait_for(closing, 5)
+        await asyncio.sleep(0.3)                      # a loop that lost the cancel polls again by now
+        return router._watch_task
+
+    watch = asyncio.run(run())
+    assert watch.done() and not backend.pending
+
+
+def test_a_slow_report_times_out_and_leaves_nothing_running(smollm2_dir, tmp_path):
+    backend = GatedInfosBackend()
+
+    async def run():
+        starting = asyncio.ensure_future(_stub_router(smollm2_dir, tmp_path, backend)())
+        while not backend.pending:
+            await asyncio.sleep(0)
+        first = backend.pending[0]                    # never answered: timeouts.step_s is 1 s
+        router = await asyncio.wait_for(starting, 5)
+        serving = router.serving
+        await router.close()
+        return first, serving
+
+    first, serving = asyncio.run(run())
+    assert first.cancelled() and serving is False
