@@ -108,14 +108,14 @@ def main() -> None:
     ratios = []
     for r in range(args.rounds):
         [one] = spawn(procs, pp1_main, [(model_dir, args.context, args.steps)])
-        two, serial = (sorted(spawn(procs, pp2_main, [(rank, port, model_dir, args.context, args.steps, lanes)
-                                                      for rank in range(2)]))
-                       for port, lanes in ((free_port(), 2), (free_port(), 1)))
+        piped, in_turn = (sorted(spawn(procs, pp2_main, [(rank, port, model_dir, args.context, args.steps, lanes)
+                                                         for rank in range(2)]))
+                          for port, lanes in ((free_port(), 2), (free_port(), 1)))
+        two = max(total for _, (total, _) in piped)
         # In turn, stage 0's execute is its compute (its send finds stage 1 waiting); stage 1's
         # execute is its wait for stage 0 plus its own compute.
-        stage0 = serial[0][1][1] / args.steps
-        stage1 = serial[1][1][1] / args.steps - stage0
-        two, serial = max(t for _, (t, _) in two), max(t for _, (t, _) in serial)
+        stage0 = in_turn[0][1][1] / args.steps
+        stage1 = in_turn[1][1][1] / args.steps - stage0
         ratios.append(one / two)
         half = one / args.steps / 2
         print(f"  round {r + 1}: PP 1 {tokens / one:6.1f} tok/s ({1e3 * one / args.steps:.1f} ms per 32-row step), "

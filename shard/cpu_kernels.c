@@ -28,7 +28,8 @@ static inline float hsum(__m256 v) {
 
 /* One linear kernel per register tile: R weight rows by C input rows, R * C accumulators. Each
  * thread takes a contiguous run of R-row weight blocks; while a block meets the input rows, the next
- * block's rows are prefetched, one per tile step, so that the weight stream overlaps arithmetic. */
+ * block's rows are prefetched, spread over the tile steps, so that the weight stream overlaps
+ * arithmetic. */
 #define DEFINE_LINEAR(R, C)                                                                                   \
     static void linear_##R##x##C(const float *x, const float *w, float *y, int64_t batch, int64_t in,       \
                                  int64_t out, int32_t threads) {                                              \
@@ -40,22 +41,28 @@ static inline float hsum(__m256 v) {
             const float *wr[R];                                                                               \
             for (int r = 0; r < R; r++)                                                                       \
                 wr[r] = w + (o0 + (r < rows ? r : 0)) * in; /* a short last block repeats its first row */    \
-            const int prefetch = batch >= 4 && blk + 1 < blocks;                                              \
+            /* Each tile step prefetches `per_step` rows of the next block, so that all R arrive even when    \
+             * there are fewer steps than rows (8 input rows on the 3 x 4 tile: 2 steps). */                  \
+            const int steps = batch > C ? (int)((batch + C - 1) / C) : 1, per_step = (R + steps - 1) / steps; \
             int step = 0;                                                                                     \
             for (int64_t b0 = 0; b0 < batch; b0 += C, step++) {                                               \
                 const int cols = batch - b0 < C ? (int)(batch - b0) : C;                                      \
                 const float *xr[C];                                                                           \
                 for (int k = 0; k < C; k++)                                                                   \
                     xr[k] = x + (b0 + (k < cols ? k : 0)) * in;                                               \
-                const float *next = w + (o0 + R + step % R) * in;                                             \
-                const int fetch = prefetch && step < R && o0 + R + step < out;                                \
+                const int64_t first = o0 + R + (int64_t)step * per_step; /* next block's rows to fetch */     \
+                int fetch = batch >= 4 && step * per_step < R ? per_step : 0;                                 \
+                if (fetch > out - first)                                                                      \
+                    fetch = out - first > 0 ? (int)(out - first) : 0;                                         \
+                const float *next = fetch ? w + first * in : w;                                               \
                 __m256 acc[R][C];                                                                             \
                 for (int r = 0; r < R; r++)                                                                   \
                     for (int k = 0; k < C; k++)                                                               \
                         acc[r][k] = _mm256_setzero_ps();                                                      \
                 for (int64_t i = 0; i < vec_in; i += 8) {                                                     \
-                    if (fetch && (i & 15) == 0)                                                               \
-                        _mm_prefetch((const char *)(next + i), _MM_HINT_T0);                                  \
+                    if ((i & 15) == 0)                                                                        \
+                        for (int f = 0; f < fetch; f++)                                                       \
+                            _mm_prefetch((const char *)(next + f * in + i), _MM_HINT_T0);                     \
                     __m256 xv[C];                                                                             \
                     for (int k = 0; k < C; k++)                                                               \
                         xv[k] = _mm256_loadu_ps(xr[k] + i);                                                   \
