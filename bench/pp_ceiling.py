@@ -37,8 +37,12 @@ from shard.worker import SeqChunk, ShardWorker, StepInput
 SEQS, BLOCK = 32, 16
 
 
+def blocks_per_seq(context: int) -> int:
+    return -(-(context + 1) // BLOCK)
+
+
 def decode_step(seq_ids: range, context: int) -> StepInput:
-    per_seq = -(-(context + 1) // BLOCK)
+    per_seq = blocks_per_seq(context)
     params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     return StepInput([SeqChunk(i, [100 + i], context, list(range(i * per_seq, (i + 1) * per_seq)), params, 1)
                       for i in seq_ids])
@@ -60,8 +64,7 @@ def run_steps(worker: ShardWorker, steps: list[StepInput], warmup: int, in_turn:
 
 
 def new_worker(model_dir, ctx: ParallelContext, context: int) -> ShardWorker:
-    return ShardWorker(model_dir, ctx, num_blocks=SEQS * -(-(context + 1) // BLOCK), block_size=BLOCK,
-                       progress=False)
+    return ShardWorker(model_dir, ctx, num_blocks=SEQS * blocks_per_seq(context), block_size=BLOCK, progress=False)
 
 
 def pp1_main(model_dir, context: int, steps: int, results) -> None:

@@ -7,7 +7,7 @@ the steady decode steps, the median of each leg of one batch's round trip (engin
 stage's compute, the hand-off between stages, the return to the engine), each stage's busy share
 of the run, and how long the prefill phase took.
 
-    python bench/pp_steps.py                    # PP 2, 48 new tokens
+    python bench/pp_steps.py                    # PP 2, 128 new tokens (the workload's)
     python bench/pp_steps.py --pp 3 --new-tokens 96
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import drive, ray_replica  # noqa: E402
-from workload import make_prompts  # noqa: E402
+from workload import Workload, make_prompts  # noqa: E402
 
 
 def instrument(actor) -> bool:
@@ -56,7 +56,7 @@ def instrument(actor) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pp", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=Workload.new_tokens)
     ap.add_argument("--requests", type=int, default=32)
     args = ap.parse_args()
 

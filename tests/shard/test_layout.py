@@ -8,6 +8,7 @@ import pytest
 
 from shard.config import ModelConfig
 from shard.layout import Layout, LayoutError, check_layout, model_stage_layers, stage_layers, valid_tp
+from tests.conftest import SHARED
 
 
 def config(*, heads: int = 8, kv_heads: int = 2, layers: int = 6, intermediate: int = 256,
@@ -123,17 +124,13 @@ def test_stage_layers_give_the_last_stage_fewer_layers_for_the_lm_head() -> None
         assert all(a.stop == b.start for a, b in zip(stages, stages[1:]))
 
 
-def test_model_split_counts_the_head_in_layers_by_decode_time() -> None:
+def test_model_split_counts_the_head_in_layers_by_decode_time(smollm2_dir) -> None:
     # SmolLM2-135M: the 49152 x 576 head streams the weight of 8 layers, but a layer costs a quarter
     # more than its weights, so it counts as 6: 18 + 12 layers on PP 2 (bench/pp_ceiling.py shows
     # the two stages within a few percent of each other).
-    smollm2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                          num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e5, rope_scaling=None,
-                          max_position_embeddings=8192, tie_word_embeddings=True, name="smollm2")
+    smollm2 = ModelConfig.from_pretrained(smollm2_dir)
     assert [model_stage_layers(smollm2, 2, r) for r in range(2)] == [range(0, 18), range(18, 30)]
     assert [len(model_stage_layers(smollm2, 3, r)) for r in range(3)] == [12, 12, 6]
     # Llama 3.1 405B: its head is under one layer, so the 126 layers split evenly.
-    llama405b = ModelConfig(vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_layers=126,
-                            num_heads=128, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5,
-                            rope_scaling=None, max_position_embeddings=131072, tie_word_embeddings=False, name="405b")
+    llama405b = ModelConfig.from_pretrained(SHARED / "fixtures" / "llama-3.1-405b-instruct")
     assert [model_stage_layers(llama405b, 2, r) for r in range(2)] == [range(0, 63), range(63, 126)]
