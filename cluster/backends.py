@@ -20,10 +20,10 @@ from shard.sampler import SamplingParams
 
 
 class ServeBackend:
-    def __init__(self, config: ServeConfig, model_dir: str):
+    def __init__(self, config: ServeConfig, model_dir: str, *, handle=None):
         from cluster.serve import ReplicaClient
         self.config, self.model_dir = config, model_dir
-        self.client = ReplicaClient(config.name)
+        self.client = ReplicaClient(config.name, handle=handle)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         return self.client.generate(prompt_ids, params)
@@ -32,8 +32,9 @@ class ServeBackend:
         return await self.client.infos()
 
     async def scale(self, replicas: int) -> int:
-        from cluster.serve import scale
-        return await asyncio.to_thread(scale, self.config, self.model_dir, replicas)
+        """As a dashboard PUT with a new num_replicas: the declared Serve config changes with it."""
+        from cluster.app import scale
+        return await asyncio.to_thread(scale, self.config, replicas)
 
     async def target_replicas(self) -> int:
         """What Serve works towards, whoever set it (Admin.Scale, the dashboard, a redeploy)."""

@@ -84,48 +84,92 @@ def _enable_token_auth() -> None:
         token.chmod(0o600)
 
 
-async def run_router(config: ServeConfig, model_dir: str, backend, *, once: str | None = None,
-                     max_tokens: int = 64) -> int:
-    """Serves the gRPC router until SIGINT, SIGTERM or Admin.Drain has drained it (exit code 0).
-    With `once`, asks the router itself for one chat answer over gRPC, prints it, and drains."""
+def serve_attached(config: ServeConfig, *, once: str | None = None, max_tokens: int = 64) -> int:
+    """`caravan serve`: deploys the application declaratively (as `serve deploy` and the dashboard do),
+    prints where everything landed, then stays attached until SIGINT or SIGTERM (which drain the
+    router) or until the router has been drained (Admin.Drain, `caravan drain`); exit code 0. With
+    `once`, asks the router for one chat answer over gRPC, prints it, and drains. An application it
+    deployed on a cluster it joined is deleted on the way out; a local cluster stops with it."""
+    from ray import serve
+
+    from cluster.app import ROUTER, deploy
+    from cluster.placement import format_places
+    from cluster.serve import ReplicaClient
+
+    with ray_cluster(config) as (address, dashboard):
+        start = time.perf_counter()
+        deploy(config)
+        try:
+            for info in asyncio.run(ReplicaClient(config.name).infos()):
+                print(f"replica {info.name}: {info.stats.num_blocks} KV blocks\n{format_places(info.shards)}",
+                      file=sys.stderr)
+            model = Path(config.model.path).name if config.model.path else "smollm2-135m-instruct"
+            print(f"serving {model} as {config.replicas} replica(s) of TP {config.layout.tp} x PP {config.layout.pp} "
+                  f"on Ray at {address} (up in {time.perf_counter() - start:.1f} s); dashboard {dashboard or 'off'}",
+                  file=sys.stderr)
+            router = serve.get_deployment_handle(ROUTER, config.name)
+            return asyncio.run(_attend(router, once, max_tokens))
+        finally:
+            if config.address is not None:
+                from cluster.app import delete
+                delete(config.name)
+
+
+async def _attend(router, once: str | None, max_tokens: int) -> int:
     import signal
 
-    from cluster.router import build_router
+    endpoint = await router.endpoint.remote()
+    host = "127.0.0.1" if endpoint["host"] in ("0.0.0.0", "::", "[::]") else endpoint["host"]
+    where = f"{host}:{endpoint['port']}"
+    metrics = f"on :{endpoint['metrics_port']}/metrics" if endpoint["metrics_port"] else "off"
+    print(f"router: caravan.v1 on {where} ({'TLS' if endpoint['tls_cert_file'] else 'plaintext'}), health and reflection on; "
+          f"metrics {metrics}", file=sys.stderr, flush=True)
+    draining: list[asyncio.Task] = []
 
-    router = build_router(config, model_dir, backend)
-    await router.start()
-    where = f"{config.router.host}:{router.port}"
-    print(f"router: caravan.v1 on {where} ({'TLS' if config.router.tls_cert_file else 'plaintext'}), health and "
-          f"reflection on; metrics {f'on :{router.metrics_port}/metrics' if router.metrics_port else 'off'}",
-          file=sys.stderr, flush=True)
+    def drain(grace_s: float | None = None) -> None:
+        async def run() -> None:
+            in_flight = await router.drain.remote(grace_s)
+            print(f"router drained ({in_flight} request(s) were in flight)", file=sys.stderr, flush=True)
+        if not draining:
+            print("draining the router: no new requests; in-flight ones finish", file=sys.stderr, flush=True)
+            draining.append(asyncio.get_running_loop().create_task(run()))
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: loop.create_task(router.drain()))
+        loop.add_signal_handler(sig, drain)
     if once is not None:
         try:
-            return await _ask_once(where, once, max_tokens, router)
+            return await _ask_once(router, where, endpoint, once, max_tokens)
         finally:
-            await router.drain(0)
+            drain(0)
+            await draining[0]
     print(f"try: caravan chat --server {where}   (Ctrl-C or SIGTERM drains and stops)", file=sys.stderr, flush=True)
-    await router.stopped.wait()
+    while not draining or not draining[0].done():
+        try:
+            if await router.wait_stopped.remote(5.0):
+                break  # drained through Admin.Drain
+        except Exception as e:  # the router's replica died; Serve starts another, which answers next time
+            log.warning("router unreachable (%s); waiting for Serve to restart it", e)
+            await asyncio.sleep(1)
+    if draining:
+        await draining[0]
     return 0
 
 
-async def _ask_once(where: str, prompt: str, max_tokens: int, router) -> int:
-    """One streamed chat answer through the router's own gRPC port, by `caravan complete --chat`'s
-    code (on a thread: its calls block, and this loop serves them): the path a client takes."""
+async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens: int) -> int:
+    """One streamed chat answer through the router's gRPC port, by `caravan complete --chat`'s code
+    (on a thread: its calls block): the path a client takes."""
     from cluster import client
 
-    deadline = time.monotonic() + router.config.timeouts.setup_s
-    while not router.serving:  # the first replica report may still be on its way
+    deadline = time.monotonic() + 60
+    while not await router.serving.remote():  # the first replica report may still be on its way
         if time.monotonic() > deadline:
             raise RuntimeError("no replica became healthy; see `caravan status` and the Ray dashboard")
-        await asyncio.sleep(0.1)
-    rc = router.rc
+        await asyncio.sleep(0.2)
     options = client.Options(max_tokens=max_tokens, temperature=0)
 
     def ask(stub: client.Router) -> int:
         return client.complete(stub, prompt, options, as_chat=True, as_json=False, out=sys.stdout, err=sys.stderr)
-    return await asyncio.to_thread(
-        client.run, "serve", where.replace("0.0.0.0", "127.0.0.1"), ask, token_file=router.token_file,
-        tls_ca=Path(rc.tls_cert_file) if rc.tls_cert_file else None, err=sys.stderr)
+    return await asyncio.to_thread(client.run, "serve", where, ask, token_file=Path(endpoint["token_file"]),
+                                   tls_ca=Path(endpoint["tls_cert_file"]) if endpoint["tls_cert_file"] else None,
+                                   err=sys.stderr)

@@ -10,7 +10,8 @@ stream, which aborts the sequence on its replica.
 
 Health means serving: a watcher reads every replica's report each health period; overall SERVING
 needs at least one replica that completed a step (or its idle probe) recently and has not failed.
-Each replica also has its own health service name, `caravan.replica.<name>`.
+Each replica also has its own health service name, `caravan.replica.<name>`, and `caravan.router` is
+SERVING as long as the router's server runs (for liveness probes).
 
 The replicas themselves sit behind a `Backend`: Ray Serve in production (`cluster/backends.py`),
 an in-process engine in tests.
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"]
 ADMIN = apb.DESCRIPTOR.services_by_name["Admin"]
 REPLICA_SERVICE_PREFIX = "caravan.replica."
+# SERVING while this router's server runs, whatever its replicas do: what a liveness probe asks
+# (restarting the router's host because replicas are rebuilding would only make things worse).
+ROUTER_SERVICE = "caravan.router"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
@@ -131,6 +135,7 @@ class Router:
             raise OSError(f"router.port: cannot listen on {address} (in use?); pick another port or 0 for any")
         await server.start()
         self._server = server
+        await self.health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._refresh()
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="caravan-health")
         if self.rc.metrics_port is not None:

@@ -8,8 +8,9 @@ one-token probe through its engine. `check_health` fails when the engine has fai
 a step past its timeout), a ping or the probe fails; Serve then kills the replica, whose shards die
 with it, and starts a fresh one. Each check reports to the `Registry` first, so status shows why.
 
-Requests go to the replica with the most free KV capacity (`cluster.routing`). `scale` changes the
-replica count in place: Serve adds or removes replicas and leaves the others running.
+Requests go to the replica with the most free KV capacity (`cluster.routing`). The replica count
+changes in place (`cluster.app.set_replicas`, or a dashboard PUT): Serve adds or removes replicas and
+leaves the others running; one being removed gets no new requests and finishes its in-flight ones.
 
 `ReplicaClient` is the in-process API over the deployment that the router uses: it streams a
 request's tokens, sends a request that failed before its first token to another replica, and
@@ -27,15 +28,15 @@ from typing import AsyncIterator
 import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve._private.common import DeploymentID
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.config import RequestRouterConfig
 from ray.util import get_current_placement_group
 
 from cluster.actors import last_line
+from cluster.app import DEPLOYMENT
 from cluster.config import ServeConfig
 from cluster.engine import EngineStats, ReplicaFailed, probe
-from cluster.placement import ENGINE_BUNDLE, ShardPlace, check_capacity, cluster_nodes, replica_bundles, shard_resource
+from cluster.placement import ENGINE_BUNDLE, ShardPlace, cluster_nodes, replica_bundles, shard_resource
 from cluster.replica import start_replica
 from cluster.routing import ROUTING_STATS_PERIOD_S, CapacityRouter
 from cluster.scheduler import TokenUpdate
@@ -44,7 +45,6 @@ from shard.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT = "replica"
 NAMESPACE = "caravan"
 
 
@@ -161,22 +161,22 @@ class ReplicaServer:
         await self.engine.close()
 
 
-def build_app(config: ServeConfig, model_dir: str):
-    """The Serve application for `config`; checks first that the cluster can hold it."""
+def replica_deployment(config: ServeConfig, model_dir: str):
+    """The bound `replica` deployment of `cluster.app`'s application: one placement group per replica."""
     layout = Layout(config.layout.tp, config.layout.pp)
-    nodes = cluster_nodes()
-    resource = shard_resource(config.shard.device, nodes)
-    check_capacity(layout, config.replicas, resource, nodes)
+    resource = shard_resource(config.shard.device, cluster_nodes())
     t = config.timeouts
     return serve.deployment(ReplicaServer, name=DEPLOYMENT).options(
-        num_replicas=config.replicas,
+        num_replicas=config.replicas,       # the Serve config's num_replicas overrides it
         ray_actor_options={"num_cpus": ENGINE_BUNDLE["CPU"]},
         placement_group_bundles=replica_bundles(layout, resource),
         placement_group_strategy="PACK",
         health_check_period_s=t.health_check_period_s,
         health_check_timeout_s=t.step_s + 5,
         max_ongoing_requests=100_000,       # the engine's scheduler is the queue; Serve only forwards
-        graceful_shutdown_timeout_s=5,
+        # A replica being removed (scaled in, redeployed) gets no new requests and finishes its
+        # in-flight ones for up to this long before it is stopped.
+        graceful_shutdown_timeout_s=config.router.drain_grace_s,
         max_constructor_retry_count=2,      # a shard that cannot load will not load on the third try either
         request_router_config=RequestRouterConfig(
             request_router_class=CapacityRouter,
@@ -186,53 +186,16 @@ def build_app(config: ServeConfig, model_dir: str):
     ).bind(config, model_dir, resource)
 
 
-def deploy(config: ServeConfig, model_dir: str) -> "ReplicaClient":
-    """Deploys (or redeploys, restarting every replica) the application and waits until every
-    replica is up. Its replica count can then change in place, with `scale`."""
-    serve.start(proxy_location="Disabled")
-    Registry.options(name=registry_name(config.name), namespace=NAMESPACE, get_if_exists=True,
-                     lifetime="detached").remote(3 * config.timeouts.health_check_period_s + 2)
-    # Serve gives every `serve.run` a new code version, so running it again to change num_replicas
-    # would restart every replica; with the external scaler on, the count changes alone.
-    serve.run(build_app(config, model_dir), name=config.name, route_prefix=None, external_scaler_enabled=True)
-    return ReplicaClient(config.name)
-
-
-def scale(config: ServeConfig, model_dir: str, replicas: int) -> int:
-    """Sets how many replicas the application runs and returns the previous target. Replicas that
-    stay keep running and serving: Serve starts or stops only the difference, after this returns
-    (`target_replicas` and `ReplicaClient.infos` show the progress). An application that is not
-    running is deployed from `model_dir` with `replicas` replicas, which returns once they are up
-    (the previous target is then 0)."""
-    if replicas < 1:
-        raise ValueError(f"replicas must be at least 1, got {replicas}; to stop serving, delete the application "
-                         f"(serve.delete({config.name!r}))")
-    layout = Layout(config.layout.tp, config.layout.pp)
-    nodes = cluster_nodes()
-    check_capacity(layout, replicas, shard_resource(config.shard.device, nodes), nodes)
-    previous = target_replicas(config.name)
-    if previous == 0:
-        deploy(replace(config, replicas=replicas), model_dir)
-    else:
-        ray.get(_serve_controller().update_deployment_replicas.remote(DeploymentID(DEPLOYMENT, config.name), replicas))
-    return previous
-
-
 def target_replicas(app_name: str) -> int:
     """The replica count Serve is working towards; 0 when the application is not deployed."""
-    try:
-        controller = _serve_controller()
-    except ValueError:  # Serve is not running on this cluster
-        return 0
-    app = ray.get(controller.get_serve_instance_details.remote())["applications"].get(app_name)
-    return app["deployments"][DEPLOYMENT]["target_num_replicas"] if app else 0
+    from cluster.app import serve_details
+    app = serve_details()["applications"].get(app_name)
+    return app["deployments"][DEPLOYMENT]["target_num_replicas"] if app and DEPLOYMENT in app["deployments"] else 0
 
 
-def _serve_controller():
-    """Serve's controller actor (found by Serve's private names: its Python API has no call to set a
-    replica count). Scaling calls it as the dashboard's public scale endpoint
-    (`POST /api/v1/applications/{app}/deployments/{deployment}/scale`) does; going through HTTP
-    would need the dashboard's address and auth token in every caller."""
+def serve_controller():
+    """Serve's controller actor (by Serve's private names: its Python API reads no instance details
+    and applies no declarative config; the dashboard's REST API calls it the same way)."""
     return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
 
 
@@ -242,8 +205,8 @@ class ReplicaClient:
 
     RETRYABLE = (ReplicaFailed, RayActorError, ActorDiedError, ActorUnavailableError)
 
-    def __init__(self, app_name: str, *, attempts: int = 6, backoff_s: float = 0.5):
-        self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+    def __init__(self, app_name: str, *, handle=None, attempts: int = 6, backoff_s: float = 0.5):
+        self.handle = handle if handle is not None else serve.get_deployment_handle(DEPLOYMENT, app_name)
         self.registry = ray.get_actor(registry_name(app_name), namespace=NAMESPACE)
         self.attempts, self.backoff_s = attempts, backoff_s
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import time
 from contextlib import aclosing
 
@@ -18,9 +19,11 @@ from ray.cluster_utils import Cluster
 from cluster.config import ConfigError, ServeConfig
 from cluster.engine import ReplicaFailed
 from cluster.placement import PlacementError
-from cluster.serve import ReplicaClient, deploy, scale, target_replicas
+from cluster.app import deploy, delete, scale
+from cluster.serve import ReplicaClient, target_replicas
 from shard.sampler import SamplingParams
 from tests.cluster.test_equivalence import NEW_TOKENS, reference
+from tests.conftest import LLAMA31_TOKENIZER
 from tests.synthetic import make_llama
 
 pytestmark = pytest.mark.slow
@@ -41,19 +44,29 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return str(make_llama(tmp_path_factory.mktemp("ray-llama"), layers=4))
+    path = make_llama(tmp_path_factory.mktemp("ray-llama"), layers=4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the application's router tokenizes with it
+        shutil.copy(LLAMA31_TOKENIZER / name, path / name)
+    return str(path)
 
 
 def config(**sections) -> ServeConfig:
     base = {"layout": {"tp": 2, "pp": 2}, "kv_cache": {"num_blocks": 128, "block_size": 4},
-            "timeouts": {"step_s": 3, "health_check_period_s": 0.5}, "name": "test"}
+            "timeouts": {"step_s": 3, "health_check_period_s": 0.5}, "router": {"port": 0, "metrics_port": None},
+            "name": "test"}
     return ServeConfig.from_dict({**base, **sections})
 
 
 @pytest.fixture
 def app(ray_cluster):
     yield
-    serve.delete("test")
+    delete("test")
+
+
+def up(cfg: ServeConfig, model_dir: str) -> ReplicaClient:
+    """The application deployed as `caravan serve` deploys it, and a client of its replicas."""
+    deploy(cfg, model_dir)
+    return ReplicaClient(cfg.name)
 
 
 async def tokens(client: ReplicaClient, prompt, params=GREEDY, delay_s=0.0) -> list[int]:
@@ -62,7 +75,7 @@ async def tokens(client: ReplicaClient, prompt, params=GREEDY, delay_s=0.0) -> l
 
 
 def test_tp2_pp2_stages_on_their_own_nodes_and_output_equals_the_reference(app, model_dir):
-    client = deploy(config(), model_dir)
+    client = up(config(), model_dir)
     prompts = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 47))]
     got = asyncio.run(_gather(*(tokens(client, p) for p in prompts)))
     (info,) = asyncio.run(client.infos())
@@ -76,7 +89,7 @@ def test_tp2_pp2_stages_on_their_own_nodes_and_output_equals_the_reference(app, 
 
 def test_concurrent_requests_with_preemption_match_solo_runs_and_free_every_block(app, model_dir):
     # 2 lanes (PP 2) of 20 blocks of 4 tokens: 32 requests of up to 60 tokens must preempt.
-    client = deploy(config(kv_cache={"num_blocks": 40, "block_size": 4},
+    client = up(config(kv_cache={"num_blocks": 40, "block_size": 4},
                            scheduler={"max_num_seqs": 8, "max_tokens_per_step": 32}), model_dir)
     rng = random.Random(1)
     reqs = [([rng.randrange(3, 1000) for _ in range(rng.randint(2, 30))],
@@ -95,7 +108,7 @@ def test_concurrent_requests_with_preemption_match_solo_runs_and_free_every_bloc
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_stuck_shard_takes_only_its_replica_out_and_it_comes_back(app, model_dir, fault):
-    client = deploy(config(layout={"tp": 1, "pp": 2}, replicas=2), model_dir)
+    client = up(config(layout={"tp": 1, "pp": 2}, replicas=2), model_dir)
     before = asyncio.run(client.infos())
     assert len(before) == 2
     victim = before[0].name
@@ -140,7 +153,7 @@ def test_a_dead_or_stuck_shard_takes_only_its_replica_out_and_it_comes_back(app,
 
 
 def test_a_burst_is_spread_over_both_replicas_and_cancelled_streams_free_every_block(app, model_dir):
-    client = deploy(config(layout={"tp": 1, "pp": 2}, replicas=2, kv_cache={"num_blocks": 256, "block_size": 4}),
+    client = up(config(layout={"tp": 1, "pp": 2}, replicas=2, kv_cache={"num_blocks": 256, "block_size": 4}),
                     model_dir)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     asyncio.run(tokens(client, [3, 4, 5], params))
@@ -196,13 +209,14 @@ def test_a_burst_is_spread_over_both_replicas_and_cancelled_streams_free_every_b
 
 def test_scaling_out_and_in_leaves_running_replicas_alone(app, model_dir):
     cfg = config(layout={"tp": 1, "pp": 2})
-    with pytest.raises(ValueError, match="replicas must be at least 1, got 0"):
-        scale(cfg, model_dir, 0)
-    with pytest.raises(PlacementError, match=r"3 replica\(s\) .* need 6 stages of 1 GPUs"):
-        scale(cfg, model_dir, 3)
     assert target_replicas("test") == 0
-    assert scale(cfg, model_dir, 1) == 0  # not running yet: deployed
-    client = ReplicaClient("test")
+    with pytest.raises(PlacementError, match="is not deployed declaratively"):
+        scale(cfg, 1)
+    client = up(cfg, model_dir)
+    with pytest.raises(PlacementError, match="replicas must be at least 1, got 0"):
+        scale(cfg, 0)
+    with pytest.raises(PlacementError, match=r"3 replica\(s\) .* need 6 stages of 1 GPUs"):
+        scale(cfg, 3)
     (first,) = [i.name for i in asyncio.run(client.infos())]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = asyncio.run(tokens(client, [7, 8, 9], params))
@@ -217,11 +231,11 @@ def test_scaling_out_and_in_leaves_running_replicas_alone(app, model_dir):
             time.sleep(0.1)
         pytest.fail(f"not {n} replicas after 60 s: {names}, {running}")
 
-    assert scale(cfg, model_dir, 2) == 1 and target_replicas("test") == 2
+    assert scale(cfg, 2) == 1 and target_replicas("test") == 2
     both, up_s = wait_for(2)
     assert first in both
     assert asyncio.run(_gather(*(tokens(client, [7, 8, 9], params) for _ in range(4)))) == [want] * 4
-    assert scale(cfg, model_dir, 1) == 2
+    assert scale(cfg, 1) == 2
     (left,), down_s = wait_for(1)
     assert left in both  # one of the two kept running; Serve picks which one to stop
     print(f"scaled 1 -> 2 in {up_s:.1f} s, 2 -> 1 in {down_s:.1f} s; {'the first' if left == first else 'the second'} "
@@ -231,9 +245,9 @@ def test_scaling_out_and_in_leaves_running_replicas_alone(app, model_dir):
 
 def test_a_layout_larger_than_the_cluster_is_refused_with_what_is_missing(ray_cluster, model_dir):
     with pytest.raises(PlacementError, match=r"need 6 stages of 2 GPUs each.*holds 2.*Lower replicas"):
-        deploy(config(replicas=3), model_dir)
+        up(config(replicas=3), model_dir)
     with pytest.raises(PlacementError, match=r"need 1 stages of 8 GPUs"):
-        deploy(config(layout={"tp": 8, "pp": 1}), model_dir)
+        up(config(layout={"tp": 8, "pp": 1}), model_dir)
 
 
 def test_a_missing_model_folder_is_refused_with_the_fix(tmp_path):

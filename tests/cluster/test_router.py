@@ -328,7 +328,7 @@ def test_health_follows_replica_progress(smollm2_dir, tmp_path):
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
     try:
         c = Clients(rt.channel(), rt.router.admin_token)
-        assert c.health_status() == NOT_SERVING
+        assert c.health_status() == NOT_SERVING and c.health_status("caravan.router") == SERVING
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no replica is serving" in e.value.details()
@@ -338,6 +338,7 @@ def test_health_follows_replica_progress(smollm2_dir, tmp_path):
         backend.reports = [FakeInfo("a", _stats("rank 1 died")), FakeInfo("b", _stats(), progress_age_s=60)]
         c.wait_health(NOT_SERVING, timeout_s=2)
         assert c.health_status("caravan.replica.a") == c.health_status("caravan.replica.b") == NOT_SERVING
+        assert c.health_status("caravan.router") == SERVING  # liveness: the router itself runs
         errors = {r.name: r.error for r in c.status().replicas}
         assert errors["a"] == "rank 1 died" and errors["b"].startswith("no progress for")
         backend.reports = [FakeInfo("b", _stats())]

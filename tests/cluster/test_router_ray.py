@@ -1,13 +1,12 @@
 """The whole thing as a user runs it: `caravan serve` in its own process (a local Ray cluster
-simulating 2 nodes, SmolLM2 at TP 1 x PP 2, the gRPC router in front), driven only through gRPC.
-The tests run in file order on one server; the last one drains it with SIGTERM."""
+simulating 2 nodes, SmolLM2 at TP 1 x PP 2, the gRPC router in front as the application's `router`
+deployment), driven only through gRPC. The tests run in file order on one server; the last one
+drains it with SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,13 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from tests.cluster.malformed import cases
-from tests.cluster.routerfixture import Clients, expect_malformed, flood
+from tests.cluster.routerfixture import Clients, expect_malformed, flood, free_port
 
 pytestmark = pytest.mark.slow
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 TOKEN = "test-token-4f9c"
 MAX_IN_FLIGHT = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +130,15 @@ def test_cancelled_streams_free_every_block_within_a_second(server):
     assert server.status().in_flight == 0
 
 
+def router_process(server) -> psutil.Process:
+    """The router runs in its Serve replica's process, `ray::ServeReplica:<app>:router`."""
+    (router,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                 if " ".join(p.cmdline()).startswith("ray::ServeReplica:caravan:router")]
+    return router
+
+
 def test_overload_is_refused_at_once_with_bounded_memory(server):
-    router = psutil.Process(server.proc.pid)
+    router = router_process(server)
     rss_before = router.memory_info().rss
 
     results = flood(server.target, [chat(f"Say hello to {i}.", max_tokens=16) for i in range(4 * MAX_IN_FLIGHT)],
@@ -188,4 +188,5 @@ def test_sigterm_drains_in_flight_work_and_exits_0(server):
     rest = list(stream)
     assert (rest or [first])[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED  # finished, not cut off
     assert server.proc.wait(60) == 0
-    assert os.path.exists(server.log_path) and "draining" in server.log_path.read_text()
+    log = server.log_path.read_text()
+    assert "draining the router" in log and "router drained" in log
