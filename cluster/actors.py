@@ -90,13 +90,18 @@ class ShardActor:
         shutdown_parallel()
 
     def _device(self) -> torch.device:
-        device = self.spec.device
-        if device == "cuda" or (device == "auto" and torch.cuda.is_available() and ray.get_gpu_ids()):
-            if not torch.cuda.is_available():
-                raise RuntimeError("shard.device is cuda but this process sees no CUDA device "
-                                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-            return torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
-        return torch.device("cpu")
+        return shard_device(self.spec.device)
+
+
+def shard_device(device: str) -> torch.device:
+    """The device a shard actor computes on, for `shard.device` (auto: the GPU Ray gave it, if torch
+    sees one; else the CPU)."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available() and ray.get_gpu_ids()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("shard.device is cuda but this process sees no CUDA device "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        return torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+    return torch.device("cpu")
 
 
 RemoteShard = ray.remote(ShardActor)

@@ -1,5 +1,6 @@
-"""`caravan`: the command line. Subcommands: generate (offline, local processes), serve, plan, and the
-clients of a running router: chat, complete, status, scale, drain (their gRPC side is cluster/client.py)."""
+"""`caravan`: the command line. Subcommands: generate (offline, local processes), serve, plan, doctor (a
+Ray cluster's links before it serves), and the clients of a running router: chat, complete, status,
+scale, drain (their gRPC side is cluster/client.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.app import AppError
 from cluster.config import ConfigError as ServeConfigError
 from cluster.offline import RequestError
 from cluster.placement import PlacementError
@@ -23,7 +25,7 @@ from shard.sampler import SamplingError, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 USER_ERRORS = (ConfigError, LayoutError, CheckpointError, SamplingError, RequestError, TokenizerError, DemoModelError,
-               FileNotFoundError, ServeConfigError, PlacementError)
+               FileNotFoundError, ServeConfigError, PlacementError, AppError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--once", metavar="PROMPT", default=None,
                      help="answer this chat prompt through the router's gRPC API, then drain and exit (a smoke test)")
     srv.add_argument("--max-tokens", type=int, default=64, help="with --once: tokens to generate at most")
+    srv.add_argument("--print-serve-config", action="store_true",
+                     help="print the Ray Serve config (YAML) of this application, for `serve deploy` or the "
+                          "dashboard's REST API (PUT /api/serve/applications/), and exit")
     srv.set_defaults(run=_serve)
 
     plan = sub.add_parser("plan", help="show what each rank of a TP x PP layout holds and reads (no weights needed)")
@@ -94,6 +99,26 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds in-flight requests get before they are cut off (default: router.drain_grace_s)")
     _router_args(drain)
     drain.set_defaults(run=_drain)
+
+    doc = sub.add_parser("doctor", help="check a Ray cluster before it serves: capacity, every TP and PP link "
+                                        "(hangs, latency, bandwidth), the NCCL environment of every node",
+                         description="Places probe actors exactly as one replica's shards, joins their process "
+                                     "groups, and probes each TP all-reduce and PP hand-off within --timeout. "
+                                     "Exit 0: every check passed; 1: a check failed; 2: a bad config.")
+    doc.add_argument("config", nargs="?", type=Path, default=None,
+                     help="cluster config YAML, as for `caravan serve` (default: SmolLM2, TP 3 x PP 2, on a local "
+                          "Ray cluster simulating 2 nodes)")
+    doc.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
+                                                     "config's address or a local one; auto inside a Ray job")
+    doc.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="deadline of each link's check: warm-up (NCCL's communicator set-up on GPUs), latency "
+                          "and bandwidth runs together; a link past it is reported as hung (default 30)")
+    doc.add_argument("--small-bytes", default="4KiB", metavar="SIZE",
+                     help="message that measures latency (default 4KiB)")
+    doc.add_argument("--large-bytes", default=None, metavar="SIZE",
+                     help="message that measures bandwidth (default: 256MiB on CUDA, 4MiB on CPU)")
+    doc.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    doc.set_defaults(run=_doctor)
 
     args = parser.parse_args(argv)
     if args.command == "complete" and args.logprobs and not args.json:
@@ -221,15 +246,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
     import dataclasses
     import logging
 
-    from cluster.backends import ServeBackend
     from cluster.config import ServeConfig
-    from cluster.launch import model_dir_for, ray_cluster, run_router
-    from cluster.placement import format_places
-    from cluster.serve import deploy
+    from cluster.launch import model_dir_for, serve_attached
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     source = str(args.config) if args.config else "<default config>"
@@ -238,21 +259,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, address=args.address)
     if args.port is not None:
         config = dataclasses.replace(config, router=dataclasses.replace(config.router, port=args.port))
-    model_dir = model_dir_for(config, source)
-    with ray_cluster(config) as (address, dashboard):
-        start = time.perf_counter()
-        client = deploy(config, model_dir)
-        for info in asyncio.run(client.infos()):
-            print(f"replica {info.name}: {info.stats.num_blocks} KV blocks\n{format_places(info.shards)}",
-                  file=sys.stderr)
-        print(f"serving {Path(model_dir).name} as {config.replicas} replica(s) of TP {config.layout.tp} x PP "
-              f"{config.layout.pp} on Ray at {address} (up in {time.perf_counter() - start:.1f} s); "
-              f"dashboard {dashboard or 'off'}", file=sys.stderr)
+    if args.print_serve_config:
+        import yaml
 
-        async def front_door() -> int:
-            backend = ServeBackend(config, model_dir)
-            return await run_router(config, model_dir, backend, once=args.once, max_tokens=args.max_tokens)
-        return asyncio.run(front_door())
+        from cluster.app import serve_config
+        config.check_model_path(source)
+        print(yaml.safe_dump(serve_config(config), sort_keys=False), end="")
+        return 0
+    model_dir_for(config, source)  # the config against the model and its checkpoint, before Ray starts
+    return serve_attached(config, once=args.once, max_tokens=args.max_tokens)
 
 
 def _options(args: argparse.Namespace):
@@ -299,6 +314,25 @@ def _drain(args: argparse.Namespace) -> int:
     from cluster.client import drain
 
     return _connect(args, lambda router: drain(router, args.grace, out=sys.stdout))
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cluster.config import ServeConfig
+    from cluster.diagnosis import format_report, parse_size
+    from cluster.doctor import Options, diagnose
+
+    config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    if args.address:
+        config = dataclasses.replace(config, address=args.address)
+    if not args.timeout > 0:
+        raise ServeConfigError("--timeout", f"got {args.timeout:g}; use a number of seconds > 0", "command line")
+    options = Options(args.timeout, parse_size("--small-bytes", args.small_bytes),
+                      args.large_bytes and parse_size("--large-bytes", args.large_bytes))
+    report = diagnose(config, options, log=lambda line: print(f"doctor: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return report.exit_code
 
 
 def _plan(args: argparse.Namespace) -> int:
