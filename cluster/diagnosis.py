@@ -37,7 +37,7 @@ def parse_size(option: str, text: str) -> int:
 @dataclass(frozen=True)
 class Finding:
     severity: str   # fail (exit 1) | warn | info
-    check: str      # ray | capacity | placement | link | speed | env | model
+    check: str      # ray | capacity | placement | link | speed | env | model | replica
     message: str
     fix: str = ""
 

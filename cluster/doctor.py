@@ -243,6 +243,10 @@ def diagnose(config: ServeConfig, options: Options = Options(), log: Callable[[s
                 check_capacity(layout, config.replicas, resource, nodes)
             except PlacementError as e:  # one replica still fits: its links are worth probing
                 report.findings.append(Finding("fail", "capacity", str(e)))
+            serving = serving_findings(config, resource, layout)
+            if serving is not None:
+                report.findings += serving
+                return report
             probes = Probes(config, resource, options, log)
             try:
                 probes.start()
@@ -264,6 +268,49 @@ def diagnose(config: ServeConfig, options: Options = Options(), log: Callable[[s
         node["ranks"].append(r["rank"])
     report.findings += env_findings(report.ranks, report.device, config)
     return report
+
+
+def serving_findings(config: ServeConfig, resource: str, layout: Layout) -> list[Finding] | None:
+    """When the application already serves and holds the resources one replica's probes need (on
+    Kubernetes, `helm test` after an install that fills every GPU), its replicas' own health stands
+    in for the probes: every step of a replica passes every TP all-reduce and PP hand-off it has,
+    and an idle replica is probed each health check. None when the probes can be placed."""
+    from cluster.app import serve_details
+    from cluster.serve import NAMESPACE, registry_name
+
+    free = ray.available_resources().get(resource, 0)
+    if free >= layout.world_size or config.name not in serve_details()["applications"]:
+        return None
+    findings = [Finding("warn", "placement", f"application {config.name!r} serves and holds the {resource}s ({free:g} "
+                        f"free; one replica's probes need {layout.world_size}), so no link was probed and no latency "
+                        "or bandwidth measured; its replicas' health is reported instead",
+                        "run `caravan doctor` before the application deploys, or scale in by one replica "
+                        "(`caravan scale`) while it runs")]
+    try:
+        registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
+        infos = ray.get(registry.infos.remote(), timeout=config.timeouts.step_s)
+    except (ValueError, ray.exceptions.RayError) as e:
+        return findings + [Finding("fail", "replica", f"the replicas' reports cannot be read ({last_line(e)})",
+                                   "see the Ray dashboard's Serve page")]
+    if not infos:
+        findings.append(Finding("fail", "replica", f"no replica of {config.name!r} has reported within three health "
+                                "checks", "`caravan status` and the Ray dashboard's Serve page show their state"))
+    limit = config.timeouts.step_s + 2 * config.timeouts.health_check_period_s
+    for info in infos:
+        age = info.progress_age_s + info.report_age_s
+        silent = [f"rank {p.rank} (stage {p.stage}, tp {p.tp_rank}) on {p.ip}"
+                  for p, ok in zip(info.shards, info.shard_healthy) if not ok]
+        problems = [info.stats.failed or ""] + ([f"no answer from {', '.join(silent)}"] if silent else []) + (
+            [f"no progress for {age:.1f} s"] if age > limit else [])
+        problems = [p for p in problems if p]
+        if problems:
+            findings.append(Finding("fail", "replica", f"replica {info.name}: {'; '.join(problems)}",
+                                    "Serve replaces a failed replica; if it fails again, run `caravan doctor` with "
+                                    "the GPUs free to find the link"))
+        else:
+            findings.append(Finding("info", "replica", f"replica {info.name} serves: its {len(info.shards)} shards "
+                                    f"pass every TP all-reduce and PP hand-off at each step (progress {age:.1f} s ago)"))
+    return findings
 
 
 def run_links(probes: Probes, report: Report, model: ModelConfig | None, config: ServeConfig,

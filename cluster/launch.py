@@ -147,7 +147,9 @@ async def _attend(router, once: str | None, max_tokens: int) -> int:
     while not draining or not draining[0].done():
         try:
             if await router.wait_stopped.remote(5.0):
-                break  # drained through Admin.Drain
+                if not draining:
+                    print("the router was drained (Admin.Drain); stopping", file=sys.stderr, flush=True)
+                break
         except Exception as e:  # the router's replica died; Serve starts another, which answers next time
             log.warning("router unreachable (%s); waiting for Serve to restart it", e)
             await asyncio.sleep(1)

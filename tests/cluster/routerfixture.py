@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -20,6 +24,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def caravan_serve(folder: Path, config_yaml: str, token: str, port: int) -> Iterator[Clients]:
+    """`caravan serve CONFIG` in its own process, as a user starts it, with `config_yaml` (whose router
+    listens on `port` and reads its token from the file `token`), until it serves; SIGTERM at the end.
+    The clients also carry the process, its log and the config's path."""
+    (folder / "token").write_text(token)
+    (folder / "cluster.yaml").write_text(config_yaml)
+    log = open(folder / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(folder / "cluster.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    clients = Clients(channel, token)
+    clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", f"127.0.0.1:{port}"
+    clients.config_path = folder / "cluster.yaml"
+    try:
+        clients.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout_s=240)
+        yield clients
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        channel.close()
+        log.close()
+        print((folder / "serve.log").read_text()[-3000:])
 
 
 class RouterThread:

@@ -7,10 +7,9 @@ and the removed one must finish what it had in flight."""
 from __future__ import annotations
 
 import json
-import re
-import signal
 import subprocess
 import sys
+import re
 import threading
 import time
 import urllib.error
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
-from tests.cluster.routerfixture import Clients, free_port
+from tests.cluster.routerfixture import Clients, caravan_serve, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -101,36 +99,18 @@ class Load:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    folder = tmp_path_factory.mktemp("scale")
-    (folder / "token").write_text(TOKEN)
     port = free_port()
-    (folder / "cluster.yaml").write_text(f"""\
+    with caravan_serve(tmp_path_factory.mktemp("scale"), f"""\
 layout: {{tp: 1, pp: 1}}
 kv_cache: {{num_blocks: 256}}
 timeouts: {{step_s: 10, health_check_period_s: 0.5}}
 local_cluster: {{nodes: 2, gpus_per_node: 1}}
 router: {{port: {port}, metrics_port: 0, auth_token_file: token, drain_grace_s: 60}}
-""")
-    log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(folder / "cluster.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    clients = Clients(channel, TOKEN)
-    try:
-        clients.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout_s=240)
-        found = re.search(r"dashboard (\S+)", (folder / "serve.log").read_text())
+""", TOKEN, port) as clients:
+        found = re.search(r"dashboard (\S+)", clients.log_path.read_text())
         assert found and found[1] != "off", "caravan serve did not print the dashboard's address"
         clients.dashboard = Dashboard(found[1])
         yield clients
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        channel.close()
-        log.close()
-        print((folder / "serve.log").read_text()[-3000:])
 
 
 def serving_replicas(clients: Clients) -> dict[str, apb.ReplicaStatus]:
@@ -187,3 +167,12 @@ def test_scaling_1_2_1_through_the_dashboard_under_load_fails_no_request(server)
           f"{load.ok} requests served under load, {len(load.failed)} failed")
     assert load.failed == []
     assert load.ok >= 10
+
+
+def test_caravan_drain_stops_caravan_serve_with_exit_0(server):
+    token = server.log_path.parent / "token"
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "drain", "--server", server.target, "--token-file",
+                             str(token)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "draining: 0 request(s) in flight" in result.stdout, result.stderr
+    assert server.proc.wait(60) == 0
+    assert "the router was drained (Admin.Drain); stopping" in server.log_path.read_text()

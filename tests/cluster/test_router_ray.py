@@ -6,6 +6,8 @@ drains it with SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from tests.cluster.malformed import cases
-from tests.cluster.routerfixture import Clients, expect_malformed, flood, free_port
+from tests.cluster.routerfixture import caravan_serve, expect_malformed, flood, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,35 +34,15 @@ MAX_IN_FLIGHT = 32
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    folder = tmp_path_factory.mktemp("serve")
-    (folder / "token").write_text(TOKEN)
     port = free_port()
-    (folder / "cluster.yaml").write_text(f"""\
+    with caravan_serve(tmp_path_factory.mktemp("serve"), f"""\
 layout: {{tp: 1, pp: 2}}
 kv_cache: {{num_blocks: 512}}
 scheduler: {{max_num_seqs: 128, max_tokens_per_step: 512}}
 timeouts: {{step_s: 10, health_check_period_s: 0.25}}
 router: {{port: {port}, metrics_port: 0, max_in_flight: {MAX_IN_FLIGHT}, auth_token_file: token, drain_grace_s: 20}}
-""")
-    log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(folder / "cluster.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    clients = Clients(channel, TOKEN)
-    clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", f"127.0.0.1:{port}"
-    try:
-        clients.wait_health(SERVING, timeout_s=240)
+""", TOKEN, port) as clients:
         yield clients
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        channel.close()
-        log.close()
-        print((folder / "serve.log").read_text()[-3000:])
 
 
 def chat(text: str, **kw) -> pb.GenerateRequest:
@@ -153,6 +135,19 @@ def test_overload_is_refused_at_once_with_bounded_memory(server):
     assert max(t for *_, t in refused) < 1.0
     assert rss_after - rss_before < 64 * 2**20
     server.wait_all_blocks_free(timeout_s=3)
+
+
+def test_doctor_on_a_cluster_whose_gpus_all_serve_reports_the_replicas_health(server):
+    """As `helm test` runs it after an install: no GPU is free for probes, so the serving replica's
+    health stands in for them, and the check passes."""
+    address = re.search(r"on Ray at (\S+) ", server.log_path.read_text())[1]
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "doctor", str(server.config_path), "--address",
+                             address], capture_output=True, text=True, timeout=120, env={**os.environ,
+                                                                                        "RAY_AUTH_MODE": "token"})
+    print(result.stdout, result.stderr[-2000:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARN [placement] application 'caravan' serves and holds the GPUs (0 free" in result.stdout
+    assert re.search(r"INFO \[replica\] replica caravan-\w+ serves: its 2 shards pass every TP all-reduce", result.stdout)
 
 
 def test_health_flips_when_the_only_replica_loses_a_shard_and_comes_back(server):
