@@ -99,13 +99,18 @@ def build(args: dict[str, Any]):
     return router.bind(config, model_dir, replica_deployment(config, model_dir))
 
 
+def check_fits(config: ServeConfig, replicas: int) -> None:
+    """PlacementError naming what is missing when the Ray cluster cannot hold `replicas` replicas."""
+    nodes = cluster_nodes()
+    check_capacity(Layout(config.layout.tp, config.layout.pp), replicas, shard_resource(config.shard.device, nodes),
+                   nodes)
+
+
 def _wait_for_capacity(config: ServeConfig) -> None:
-    layout = Layout(config.layout.tp, config.layout.pp)
     deadline = time.monotonic() + config.timeouts.setup_s
     while True:
-        nodes = cluster_nodes()
         try:
-            return check_capacity(layout, config.replicas, shard_resource(config.shard.device, nodes), nodes)
+            return check_fits(config, config.replicas)
         except PlacementError as e:
             if time.monotonic() > deadline:
                 raise
@@ -244,9 +249,7 @@ def deploy(config: ServeConfig, model_dir: str | None = None) -> None:
     does not). `model_dir` overrides model.path (the demo model's folder, resolved by the caller)."""
     from dataclasses import replace
 
-    layout = Layout(config.layout.tp, config.layout.pp)
-    nodes = cluster_nodes()
-    check_capacity(layout, config.replicas, shard_resource(config.shard.device, nodes), nodes)
+    check_fits(config, config.replicas)
     if model_dir is not None:
         config = replace(config, model=replace(config.model, path=model_dir))
     _client()
@@ -285,9 +288,7 @@ def scale(config: ServeConfig, replicas: int) -> int:
     if replicas < 1:
         raise PlacementError(f"replicas must be at least 1, got {replicas}; to stop serving, delete the application "
                              f"({config.name!r}: `serve shutdown`, or stop `caravan serve`)")
-    nodes = cluster_nodes()
-    check_capacity(Layout(config.layout.tp, config.layout.pp), replicas, shard_resource(config.shard.device, nodes),
-                   nodes)
+    check_fits(config, replicas)
     return set_replicas(config.name, replicas)
 
 
