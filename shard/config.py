@@ -30,6 +30,17 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """`quantization_config` of a checkpoint stored in Meta's FP8 format (`quant_method: fbgemm_fp8`):
+    the converted linears hold float8_e4m3fn weights with one float32 scale per output row.
+    Which tensors that makes FP8 is decided in one place, `shard.quant`."""
+
+    modules_to_not_convert: tuple[str, ...] | None  # None: transformers' default, the LM head stays BF16
+    activation_scale_ub: float = 1200.0             # clamp of the dynamic activation scale (FP8 GEMM path)
+    quant_method: str = "fbgemm_fp8"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of one Llama-architecture model. Head counts are totals, never per rank."""
 
@@ -48,6 +59,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "llama"
+    quantization: QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -135,6 +147,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         head_dim = hidden // heads
 
     theta, scaling = _parse_rope(raw, where)
+    quantization = _parse_quantization(take("quantization_config", None), where)
     eos = take("eos_token_id", None)
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     for key in _IGNORED:
@@ -155,6 +168,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         bos_token_id=take("bos_token_id", None),
         eos_token_ids=eos_ids,
         name=name,
+        quantization=quantization,
     )
     if raw:
         raise ConfigError(f"{where}: unknown field(s) {sorted(raw)}; Caravan does not know how they change "
@@ -196,3 +210,32 @@ def _parse_rope(raw: dict[str, Any], where: str) -> tuple[float, RopeScaling | N
     if not scaling.high_freq_factor > scaling.low_freq_factor or not math.isfinite(scaling.factor):
         raise ConfigError(f"{where}: llama3 RoPE needs high_freq_factor > low_freq_factor")
     return float(theta), scaling
+
+
+SUPPORTED_QUANT_METHODS = ("fbgemm_fp8",)
+
+
+def _parse_quantization(raw: Any, where: str) -> QuantizationConfig | None:
+    """Meta's FP8 checkpoints (`fbgemm_fp8`, as transformers' FbgemmFp8Config writes it); any other
+    method stores its weights differently, and reading them as if they were BF16 would be garbage."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: quantization_config must be an object, got {raw!r}")
+    raw = dict(raw)
+    method = raw.pop("quant_method", None)
+    if method not in SUPPORTED_QUANT_METHODS:
+        raise ConfigError(f"{where}: quantization_config.quant_method={method!r} is not supported; Caravan reads "
+                          f"{' and '.join(SUPPORTED_QUANT_METHODS)} (Meta's FP8 Llama 3.1 checkpoints) or unquantized "
+                          f"checkpoints (no quantization_config)")
+    skip = raw.pop("modules_to_not_convert", None)
+    if skip is not None and (not isinstance(skip, list) or not all(isinstance(m, str) and m for m in skip)):
+        raise ConfigError(f"{where}: quantization_config.modules_to_not_convert must be a list of module names, "
+                          f"got {skip!r}")
+    ub = raw.pop("activation_scale_ub", 1200.0)
+    if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not 0 < ub < math.inf:
+        raise ConfigError(f"{where}: quantization_config.activation_scale_ub must be a positive number, got {ub!r}")
+    if raw:
+        raise ConfigError(f"{where}: unknown quantization_config field(s) {sorted(raw)} for fbgemm_fp8; Caravan "
+                          f"knows quant_method, modules_to_not_convert and activation_scale_ub")
+    return QuantizationConfig(None if skip is None else tuple(skip), float(ub))

@@ -6,6 +6,10 @@ rank reads is checked against the safetensors header; while reading, every row o
 parameter is written exactly once, or loading fails. A rank opens only the files that hold its
 tensors and reads only its rows or columns (safetensors slicing), so TP 8 x PP 2 of 405B reads
 1/16 of the bytes per rank and a checkpoint never depends on the TP degree.
+
+Meta's FP8 checkpoints (`quantization_config.quant_method: fbgemm_fp8`, see `shard.quant`) load
+the same way: a rank reads its slice of each FP8 weight with the matching rows of its scale and
+dequantises it into the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from shard import quant
 from shard.config import ModelConfig
 from shard.layers import TensorSlice
 from shard.model import LlamaStage, checkpoint_shapes
@@ -59,7 +64,10 @@ class Checkpoint:
         safetensors headers; returns each tensor's dtype. Layout-independent, so a launcher can
         run it once before starting any rank."""
         expected = checkpoint_shapes(cfg)
-        present = {n for n in self.weight_map if not n.endswith(_RECOMPUTED)}
+        scales = quant.scale_shapes(cfg, expected)
+        # A scale the config does not expect is judged with its weight, in `_check_fp8`.
+        present = {n for n in self.weight_map if not n.endswith(_RECOMPUTED)
+                   and not (n.endswith(f".{quant.SCALE_SUFFIX}") and n[: -len("_scale")] in expected)}
         missing, unexpected = sorted(expected.keys() - present), sorted(present - expected.keys())
         if missing:
             raise CheckpointError(f"{self.path} is missing {len(missing)} tensor(s) the model needs, e.g. "
@@ -81,19 +89,54 @@ class Checkpoint:
                     raise CheckpointError(f"{INDEX_FILE} places {sorted(listed - held)[:3]} in {file}, which "
                                           f"does not hold them; the index and the files are out of step")
                 for name in sorted(listed):
-                    if name not in expected:
+                    if name.endswith(_RECOMPUTED):
                         continue
                     sl = f.get_slice(name)
                     shape = tuple(sl.get_shape())
-                    if shape != expected[name]:
+                    want = expected.get(name) or scales.get(name)
+                    if want is not None and shape != want:
                         raise CheckpointError(
                             f"{name} in {file} has shape {list(shape)} but config.json implies "
-                            f"{list(expected[name])}; the config and the weights disagree")
+                            f"{list(want)}; the config and the weights disagree")
                     dtypes[name] = sl.get_dtype()
+        self._check_fp8(cfg, expected, dtypes)
         return dtypes
 
+    def _check_fp8(self, cfg: ModelConfig, expected: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+        """Each weight is FP8 with a float32 scale exactly where `quantization_config` says so."""
+        fp8 = quant.fp8_weight_names(cfg)
+        q = cfg.quantization
+        why_not = ("config.json has no quantization_config" if q is None else
+                   "quantization_config.modules_to_not_convert lists its module" if q.modules_to_not_convert is not None
+                   else f"without modules_to_not_convert, {list(quant.DEFAULT_NOT_CONVERTED)} stay unconverted")
+        for name in sorted(expected):
+            scale, dtype = quant.scale_name(name), dtypes[name]
+            if name in fp8:
+                if dtype != quant.FP8_DTYPE:
+                    raise CheckpointError(
+                        f"{name} is {dtype}, but config.json's quantization_config (fbgemm_fp8) makes it FP8 "
+                        f"({quant.FP8_DTYPE}): its module is not in modules_to_not_convert. Add "
+                        f"{name.removesuffix('.weight')!r} to modules_to_not_convert, or use the weights this "
+                        f"config.json came with")
+                if scale not in dtypes:
+                    raise CheckpointError(
+                        f"{self.path} is missing {scale}, the float32 per-row scale of the FP8 weight {name}; "
+                        f"is the download complete?")
+                if dtypes[scale] != quant.SCALE_DTYPE:
+                    raise CheckpointError(f"{scale} is {dtypes[scale]}; an fbgemm_fp8 scale is float32 "
+                                          f"({quant.SCALE_DTYPE}), one per output row of {name}")
+            elif dtype.startswith("F8_"):
+                raise CheckpointError(
+                    f"{name} is FP8 ({dtype}) but {why_not}, so Caravan would read it as unscaled; "
+                    f"use the config.json that came with these weights")
+            elif scale in dtypes:
+                raise CheckpointError(f"{self.path} holds {scale} but {name} is not FP8 ({why_not}); "
+                                      f"does config.json belong to these weights?")
+
     def files_for(self, slices: dict[str, list[TensorSlice]]) -> list[str]:
-        return sorted({self.weight_map[s.name] for group in slices.values() for s in group})
+        """The files a rank opens for `slices`, those of FP8 weights' scales included."""
+        return sorted({self.weight_map[n] for group in slices.values() for s in group
+                       for n in (s.name, quant.scale_name(s.name)) if n in self.weight_map})
 
 
 @dataclass
@@ -110,33 +153,48 @@ def load_weights(model: LlamaStage, checkpoint: Checkpoint, *, progress: bool = 
     slices = model.checkpoint_slices()
     if set(slices) != set(params):
         raise AssertionError(f"parameters without a checkpoint source: {sorted(set(params) ^ set(slices))}")
-    by_file: dict[str, list[tuple[str, TensorSlice]]] = defaultdict(list)
+    fp8 = quant.fp8_weight_names(model.cfg)
+    scale_of = {s: quant.scale_slice(s) for group in slices.values() for s in group if s.name in fp8}
+    # Two passes: the scales (a few KB each, possibly in another file than their weight), then
+    # the weights file by file, each FP8 slice dequantised with its rows of the scale.
+    passes: tuple[dict[str, list[tuple[str | None, TensorSlice]]], ...] = (defaultdict(list), defaultdict(list))
+    for sc in sorted(set(scale_of.values()), key=lambda t: (t.name, t.start)):
+        passes[0][checkpoint.weight_map[sc.name]].append((None, sc))
     for pname, group in slices.items():
         for s in group:
-            by_file[checkpoint.weight_map[s.name]].append((pname, s))
-    nbytes = sum(s.numel * _DTYPE_BYTES[dtypes[s.name]] for items in by_file.values() for _, s in items)
+            passes[1][checkpoint.weight_map[s.name]].append((pname, s))
+    nbytes = sum(s.numel * _DTYPE_BYTES[dtypes[s.name]] for by_file in passes for items in by_file.values()
+                 for _, s in items)
 
     written = {n: torch.zeros(p.shape[_dim(slices[n])], dtype=torch.bool) for n, p in params.items()}
+    scale_data: dict[TensorSlice, torch.Tensor] = {}
     bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"loading rank {model.ctx.rank}", disable=not progress)
     count = 0
     with bar:
-        for file, items in sorted(by_file.items()):
+        for file, items in (fi for by_file in passes for fi in sorted(by_file.items())):
             with safe_open(checkpoint.path / file, framework="pt", device="cpu") as f:
                 for pname, s in items:
                     index = (slice(None),) * s.dim + (slice(s.start, s.start + s.length),)
                     data = f.get_slice(s.name)[index]
+                    count += 1
+                    bar.update(data.numel() * data.element_size())
+                    if pname is None:
+                        scale_data[s] = data
+                        continue
                     rows = written[pname][s.dst_offset:s.dst_offset + s.length]
                     if rows.any():
                         raise AssertionError(f"{pname} rows {s.dst_offset}.. written twice (from {s.name})")
                     rows.fill_(True)
-                    params[pname].data.narrow(s.dim, s.dst_offset, s.length).copy_(data)
-                    count += 1
-                    bar.update(data.numel() * data.element_size())
+                    param = params[pname]
+                    if s in scale_of:
+                        data = quant.dequantize(data, scale_data[scale_of[s]], param.dtype)
+                    param.data.narrow(s.dim, s.dst_offset, s.length).copy_(data)
+    files = sorted({file for by_file in passes for file in by_file})
     for pname, rows in written.items():
         padding = _padding_rows(model, pname)
         if not rows[: len(rows) - padding].all():
             raise AssertionError(f"{pname}: rows {(~rows).nonzero().flatten()[:5].tolist()} never loaded")
-    return LoadReport(sorted(by_file), count, nbytes)
+    return LoadReport(files, count, nbytes)
 
 
 def _dim(group: list[TensorSlice]) -> int:

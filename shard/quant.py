@@ -1,0 +1,111 @@
+"""Meta's FP8 checkpoints (`quant_method: fbgemm_fp8`): which tensors are FP8, in one place.
+
+A converted linear stores `weight` as float8_e4m3fn [out, in] and `weight_scale` as float32
+[out, 1], one scale per output row: the real weight is `weight.float() * weight_scale`. The
+modules listed in `modules_to_not_convert` keep their BF16 weight and have no scale. The loader
+(what it reads and checks), and the planner (how many bytes a rank holds) both ask this module,
+so they cannot disagree on what is FP8.
+
+Today every FP8 weight is dequantised on load (see `dequantize`), so the model computes exactly
+as a BF16 model whose weights are the dequantised ones; the Hopper scaled-FP8 GEMM that would
+keep them FP8 on the GPU is not wired yet.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from shard.config import ModelConfig, QuantizationConfig
+from shard.layers import TensorSlice
+
+FP8_DTYPE = "F8_E4M3"        # safetensors' name for torch.float8_e4m3fn
+SCALE_DTYPE = "F32"
+SCALE_SUFFIX = "weight_scale"
+
+# The linears the fbgemm_fp8 format can convert, per decoder layer. Embeddings and norms are not
+# linears and are never converted.
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# transformers' default when `modules_to_not_convert` is absent: the output embedding stays BF16.
+DEFAULT_NOT_CONVERTED = ("lm_head",)
+
+
+def meta_fp8_recipe(cfg: ModelConfig) -> tuple[str, ...]:
+    """`modules_to_not_convert` of Meta's FP8 Llama 3.1 checkpoints (405B-Instruct-FP8), for any
+    depth: Meta quantizes only the MLP projections (w1, w3, w2 = gate, up, down) of the decoder
+    layers, skipping the first and the last layer, so attention, the first and last layers and
+    the LM head stay BF16. Spelt as transformers' conversion script for that checkpoint spells it."""
+    last = cfg.num_layers - 1
+    middle = tuple(f"model.layers.{i}.self_attn" for i in range(1, last))
+    return ("model.layers.0", f"model.layers.{last}", "lm_head", *middle)
+
+
+def is_converted(module: str, quant: QuantizationConfig | None) -> bool:
+    """Whether linear `module` ("model.layers.3.mlp.down_proj") is FP8 under `quant`. A pattern in
+    `modules_to_not_convert` skips a module as transformers matches it: from the start of the name
+    up to a module boundary ("model.layers.1" skips "model.layers.1.mlp.up_proj", not
+    "model.layers.11..."), as a regular expression with the same boundary, or as a suffix."""
+    if quant is None:
+        return False
+    skip = DEFAULT_NOT_CONVERTED if quant.modules_to_not_convert is None else quant.modules_to_not_convert
+    return not any(_skips(pattern, module) for pattern in skip)
+
+
+def _skips(pattern: str, module: str) -> bool:
+    if module.endswith(pattern):
+        return True
+    try:
+        return re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module) is not None
+    except re.error:
+        return module == pattern or module.startswith(pattern + ".")
+
+
+def fp8_weight_names(cfg: ModelConfig) -> frozenset[str]:
+    """Checkpoint tensors ("model.layers.3.mlp.down_proj.weight") stored FP8 with a `weight_scale`
+    under `cfg.quantization`; empty for an unquantized checkpoint."""
+    if cfg.quantization is None:
+        return frozenset()
+    modules = [f"model.layers.{i}.{linear}" for i in range(cfg.num_layers) for linear in LAYER_LINEARS]
+    if not cfg.tie_word_embeddings:
+        modules.append("lm_head")  # a tied head is the embedding table, never converted
+    return frozenset(f"{m}.weight" for m in modules if is_converted(m, cfg.quantization))
+
+
+def scale_name(weight_name: str) -> str:
+    """"x.weight" -> "x.weight_scale"."""
+    assert weight_name.endswith(".weight"), weight_name
+    return weight_name[: -len("weight")] + SCALE_SUFFIX
+
+
+def scale_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The `weight_scale` tensors an FP8 checkpoint of `cfg` holds, with their shapes [out, 1];
+    `shapes` is the checkpoint's weights (`shard.model.checkpoint_shapes`)."""
+    return {scale_name(w): (shapes[w][0], 1) for w in sorted(fp8_weight_names(cfg))}
+
+
+def scale_slice(s: TensorSlice) -> TensorSlice:
+    """The rows of the scale that go with slice `s` of an FP8 weight: the same rows when the
+    weight is split by output rows (column-parallel, vocab-parallel), all of them when it is split
+    by input columns (row-parallel: every rank holds every output row, each a partial sum)."""
+    rows = s.shape[0]
+    if s.dim == 0:
+        return TensorSlice(scale_name(s.name), (rows, 1), 0, s.start, s.length, s.dst_offset)
+    return TensorSlice(scale_name(s.name), (rows, 1), 0, 0, rows)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 rows [n, k] times their float32 scales [n, 1], in float32, then rounded once to `dtype`."""
+    return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+
+
+def slice_bytes(s: TensorSlice, fp8: frozenset[str], dtype: torch.dtype, *, fp8_resident: bool = True) -> int:
+    """Device bytes of one rank's slice `s` of a checkpoint tensor. An FP8 weight (`s.name` in
+    `fp8`, from `fp8_weight_names`) kept FP8 on the device counts 1 byte per element plus its
+    float32 scale rows (`scale_slice`: all rows for a row-parallel split); with
+    `fp8_resident=False` (dequantised on load, what the loader does today) it counts as `dtype`."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if s.name not in fp8 or not fp8_resident:
+        return s.numel * itemsize
+    return s.numel + scale_slice(s).numel * 4
