@@ -59,9 +59,35 @@ def main(argv: list[str] | None = None) -> int:
                           "dashboard's REST API (PUT /api/serve/applications/), and exit")
     srv.set_defaults(run=_serve)
 
-    plan = sub.add_parser("plan", help="show what each rank of a TP x PP layout holds and reads (no weights needed)")
-    _model_args(plan, dtype_default="bfloat16")
+    from shard.gpus import GPUS
+
+    plan = sub.add_parser("plan", help="show what each rank of a TP x PP layout holds and reads, or with --gpu rank "
+                                       "every layout of a cluster by estimated throughput (no weights needed)",
+                          description="Without --gpu: what each rank of one TP x PP layout holds. With --gpu: every "
+                                      "TP x PP x replicas layout of --nodes x --gpus-per-node GPUs (TP dividing a "
+                                      "node's GPUs, TP x PP dividing the cluster), with weights and KV cache per GPU, "
+                                      "decode and prefill floors and a throughput ceiling, best first; the model "
+                                      "behind the numbers is in shard/planner.py. Exit 0: a layout fits (or "
+                                      "without --gpu); 1: none fits; 2: a bad flag.")
+    plan.add_argument("--model", type=Path, default=None,
+                      help="Hugging Face checkpoint folder, or with --gpu its config.json alone (default: the demo "
+                           "model, SmolLM2-135M-Instruct)")
+    plan.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1; with --gpu: any)")
+    plan.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (default 1; with --gpu: any)")
+    plan.add_argument("--dtype", choices=sorted([*DTYPES, "bf16", "fp8"]), default=None,
+                      help="weights: fp8 counts those the checkpoint's quantization_config, or else Meta's Llama "
+                           "3.1 FP8 recipe, keeps FP8 (1 byte and a float32 scale a row), the rest bfloat16 (default: "
+                           "fp8 for an FP8 checkpoint, else bfloat16)")
     plan.add_argument("--files", action="store_true", help="list the checkpoint files each rank opens")
+    plan.add_argument("--gpu", default=None, help="rank the layouts of a cluster of these GPUs: "
+                                                  + ", ".join(sorted(GPUS)))
+    plan.add_argument("--nodes", type=int, default=None, help="with --gpu: nodes (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=None, help="with --gpu: GPUs per node (default 8)")
+    plan.add_argument("--context", type=int, default=None,
+                      help="with --gpu: tokens of one sequence a layout must hold to fit, and count by (default 8192)")
+    plan.add_argument("--workload", default=None, metavar="IN:OUT",
+                      help="with --gpu: input and output tokens of a request, for the throughput (default 1024:128)")
+    plan.add_argument("--json", action="store_true", help="with --gpu: print the ranking as one JSON object")
     plan.set_defaults(run=_plan)
 
     chat = sub.add_parser("chat", help="talk with the model served by a running router (one line, one turn)",
@@ -340,10 +366,16 @@ def _plan(args: argparse.Namespace) -> int:
     from shard.loader import Checkpoint
     from shard.plan import format_plan, plan_replica
 
+    if args.gpu is not None:
+        return _rank_layouts(args)
+    for flag in ("nodes", "gpus_per_node", "context", "workload", "json"):
+        if getattr(args, flag) not in (None, False):
+            raise ServeConfigError("--" + flag.replace("_", "-"), "needs --gpu (the cluster whose layouts to rank)",
+                                   "command line")
     model_dir = _model_dir(args)
-    cfg = ModelConfig.from_pretrained(model_dir)
-    layout = Layout(args.tp, args.pp)
-    dtype = DTYPES[args.dtype]
+    cfg = _plan_weights(ModelConfig.from_pretrained(model_dir), args.dtype)
+    layout = Layout(args.tp or 1, args.pp or 1)
+    dtype = DTYPES.get(args.dtype, torch.bfloat16)
     plans = plan_replica(cfg, layout, Checkpoint.open(model_dir), dtype)
     print(format_plan(cfg, layout, plans, dtype))
     if args.files:
@@ -351,6 +383,57 @@ def _plan(args: argparse.Namespace) -> int:
             print(f"rank {p.rank}: {' '.join(p.files)}")
     return 0
 
+
+def _rank_layouts(args: argparse.Namespace) -> int:
+    from shard.config import ModelConfig
+    from shard.gpus import gpu
+    from shard.planner import Cluster, Workload, format_ranking, rank_layouts, ranking_json
+
+    def bad(flag: str, problem: str) -> ServeConfigError:
+        return ServeConfigError(flag, problem, "command line")
+
+    try:
+        spec = gpu(args.gpu)
+    except KeyError as e:
+        raise bad("--gpu", e.args[0]) from None
+    nodes = 1 if args.nodes is None else args.nodes
+    per_node = 8 if args.gpus_per_node is None else args.gpus_per_node
+    context = 8192 if args.context is None else args.context
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", per_node), ("--context", context),
+                        ("--tp", args.tp), ("--pp", args.pp)):
+        if value is not None and value < 1:
+            raise bad(flag, f"got {value}; use a whole number >= 1")
+    if args.files:
+        raise bad("--files", "lists one layout's files; drop --gpu, or --files")
+    if args.dtype not in (None, "bf16", "bfloat16", "fp8"):
+        raise bad("--dtype", f"{args.dtype} is not a serving dtype here; use bf16 or fp8")
+    text = args.workload or "1024:128"
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise bad("--workload", f"got {text!r}; use INPUT:OUTPUT tokens of a request, both >= 1, e.g. 1024:128")
+    workload = Workload(int(parts[0]), int(parts[1]), context)
+
+    model = args.model if args.model is not None else _model_dir(args)
+    cfg = _plan_weights(ModelConfig.from_pretrained(model), args.dtype)
+    cluster = Cluster(spec, nodes, per_node)
+    ranked = rank_layouts(cfg, cluster, workload, only=Layout(args.tp or 0, args.pp or 0))
+    if args.json:
+        print(json.dumps(ranking_json(cfg, cluster, workload, ranked), indent=2))
+    else:
+        print(format_ranking(cfg, cluster, workload, ranked))
+    return 0 if any(e.fits for e in ranked) else 1
+
+
+def _plan_weights(cfg, dtype: str | None):
+    """The config whose `quantization` says which weights `plan` counts as FP8: --dtype fp8 makes them
+    FP8 (`as_fp8`), another --dtype makes them all that dtype (what the loader's dequantisation gives)."""
+    import dataclasses
+
+    from shard.plan import as_fp8
+
+    if dtype == "fp8":
+        return as_fp8(cfg)
+    return cfg if dtype is None else dataclasses.replace(cfg, quantization=None)
 
 if __name__ == "__main__":
     sys.exit(main())

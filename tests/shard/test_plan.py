@@ -174,3 +174,19 @@ def test_format_plan(cfg: ModelConfig, plans: list[RankPlan]) -> None:
     assert len(rows) == 16
     assert rows[0][:4] == ["0", "0", "0", "0-62"] and rows[15][:4] == ["15", "1", "7", "63-125"]
     assert all(r[5] == "50.74" and r[6] == "32.3" for r in rows)
+
+
+def test_fp8_plan(cfg: ModelConfig) -> None:
+    from shard.plan import as_fp8
+
+    fp8 = as_fp8(cfg)
+    assert as_fp8(fp8) is fp8
+    plans = plan_replica(fp8, LAYOUT, None, torch.bfloat16)
+    assert sum(p.owned_params for p in plans) == TOTAL_PARAMS
+    # The MLPs of layers 1..124 are FP8: 1 byte each, and a float32 scale for each row a rank holds.
+    assert sum(p.fp8_params for p in plans) == 124 * 3 * cfg.hidden_size * cfg.intermediate_size
+    stage0 = plans[0]
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size // 8
+    scales = 2 * cfg.intermediate_size // 8 + cfg.hidden_size
+    assert stage0.weight_bytes == 2 * stage0.params - 62 * (mlp - 4 * scales)  # layers 1..62 of stage 0
+    assert "TP 8 x PP 2 = 16 GPUs, fp8 + bfloat16" in format_plan(fp8, LAYOUT, plans, torch.bfloat16)

@@ -1,0 +1,212 @@
+"""Which TP x PP x replicas layout to rent: every layout of a cluster, ranked by estimated throughput.
+
+Layouts considered: TP divides the GPUs of a node (a TP group never crosses nodes: its two
+all-reduces per layer need NVLink) and the model's heads (`shard.layout.check_layout`); TP x PP
+divides the cluster's GPUs, so every GPU serves and the replicas are alike; PP is at most the layers.
+
+Memory, per GPU: CUDA's total, less `RESERVE` of it (CUDA context, NCCL buffers, the activations of a
+step, allocator slack: what vLLM's default `gpu_memory_utilization=0.9` leaves), less the rank's
+weights; the rest is KV cache (BF16 whatever the weights). A replica holds as many tokens as its
+tightest rank allows. A layout fits when it holds one sequence of `context` tokens.
+
+Speed: roofline floors from peak datasheet rates (shard/gpus.py), so every estimate is a ceiling.
+- A stage's decode step of b sequences: max(weights + their KV over HBM bandwidth, 2 x params x b
+  over the FLOP rate), plus its TP all-reduces (2 per layer of hidden x 2 bytes x b, ring over
+  NVLink). The stages run in turn, with a hand-off of hidden x 2 bytes x b between them (over the
+  network where the next stage is on another node).
+- Decode floor: that sum for one sequence at `context` tokens.
+- Prefill floor: one prompt of `input` tokens through the stages in turn, each max(compute, weights).
+- Throughput: continuous batching at the largest batch B the KV cache holds at input + output tokens
+  a sequence, split into PP micro-batches (one per stage, as the engine's lanes). Each request costs
+  its prefill (amortised: stages work on different prompts at once, so the slowest stage bounds it)
+  plus its share of `output` decode cycles: requests/s per replica = 1 / (prefill + output x
+  cycle(B) / B). Decode reads KV at the mean context, input + output / 2. Attention FLOPs, kernel
+  launch and collective latency, scheduling gaps and the sampler are left out.
+Ranking: output tokens/s of the whole cluster (equivalently requests/s: one workload), since the
+cluster is what is rented; ties go to the lower decode floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shard.config import ModelConfig
+from shard.gpus import GPU
+from shard.layout import Layout, valid_tp
+from shard.plan import RankPlan, plan_replica
+
+RESERVE = 0.10
+# What the loader does today (shard/quant.py): the plan counts what vLLM holds, Caravan still needs BF16's.
+FP8_RESIDENT_NOTE = ("fp8: these figures keep the FP8 weights in FP8 on the GPU; Caravan's loader dequantises them "
+                     "to BF16 today, so plan its serving with --dtype bf16 until the FP8 GEMM path lands")
+ACT_BYTES = 2        # activations travel as BF16
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPU
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_tokens: int = 1024
+    output_tokens: int = 128
+    context: int = 8192      # the sequence length the "sequences" column and the fit test count
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    replicas: int
+    weight_bytes: int        # per GPU: the largest rank
+    over_bytes: int          # per GPU, on the tightest rank: > 0 when the layout does not fit
+    kv_tokens: int           # per replica
+    sequences: int           # per replica, at `context` tokens
+    decode_s: float          # per token, one sequence at `context`
+    prefill_s: float         # one prompt of `input` tokens
+    batch: int               # sequences per replica at input + output tokens
+    requests_per_s: float    # whole cluster
+    output_tokens_per_s: float
+
+    @property
+    def fits(self) -> bool:
+        return self.over_bytes <= 0
+
+    @property
+    def gpus(self) -> int:
+        return self.layout.world_size * self.replicas
+
+
+def layouts(cfg: ModelConfig, cluster: Cluster) -> list[tuple[Layout, int]]:
+    """(layout, replicas) for every layout the module's rules allow."""
+    out = []
+    for tp in (t for t in valid_tp(cfg) if cluster.gpus_per_node % t == 0):
+        for pp in range(1, min(cfg.num_layers, cluster.gpus // tp) + 1):
+            if cluster.gpus % (tp * pp) == 0:
+                out.append((Layout(tp, pp), cluster.gpus // (tp * pp)))
+    return out
+
+
+def rank_layouts(cfg: ModelConfig, cluster: Cluster, workload: Workload, only: Layout | None = None) -> list[Estimate]:
+    """Every layout's estimate, best first; those that do not fit last, the nearest to fitting first.
+    FP8 weights where `cfg.quantization` says (`shard.plan.as_fp8`). `only`: a TP or PP of 0 there means any."""
+    chosen = [(lay, r) for lay, r in layouts(cfg, cluster)
+              if only is None or ((only.tp in (0, lay.tp)) and (only.pp in (0, lay.pp)))]
+    estimates = [estimate(cfg, cluster, lay, r, workload) for lay, r in chosen]
+    # Over-budget layouts compare by the GB they miss by, so a near-tie goes to the faster one.
+    return sorted(estimates, key=lambda e: (not e.fits, -e.output_tokens_per_s, round(e.over_bytes / 1e7),
+                                            e.decode_s))
+
+
+def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, workload: Workload) -> Estimate:
+    g, w = cluster.gpu, workload
+    plans = plan_replica(cfg, layout, None, torch.bfloat16)
+    # Each stage's fullest rank (check_layout makes TP splits even, so any of them).
+    stages = [max((p for p in plans if p.pp_rank == s), key=lambda p: p.weight_bytes) for s in range(layout.pp)]
+    usable = int(g.memory_bytes * (1 - RESERVE))
+    kv_tokens = max(0, min((usable - p.weight_bytes) // p.kv_bytes_per_token for p in stages))
+    over = max(p.weight_bytes + w.context * p.kv_bytes_per_token - usable for p in stages)
+    hops = _network_hops(cluster, layout, replicas)
+
+    def stage_s(p: RankPlan, batch: int, context: float) -> float:
+        read = (p.weight_bytes + batch * context * p.kv_bytes_per_token) / g.hbm_bytes_per_s
+        reduces = 2 * len(p.layers) * _all_reduce_s(g, layout.tp, batch * cfg.hidden_size)
+        return max(read, batch * _flop_s(g, p)) + reduces
+
+    def hand_offs_s(batch: int) -> float:
+        size = ACT_BYTES * batch * cfg.hidden_size
+        return hops * size / g.internode_bytes_per_s + (layout.pp - 1 - hops) * size / g.nvlink_bytes_per_s
+
+    decode = sum(stage_s(p, 1, w.context) for p in stages) + hand_offs_s(1)
+    prefill_stages = [max(w.input_tokens * _flop_s(g, p), p.weight_bytes / g.hbm_bytes_per_s)
+                      + 2 * len(p.layers) * _all_reduce_s(g, layout.tp, w.input_tokens * cfg.hidden_size)
+                      for p in stages]
+    prefill = sum(prefill_stages) + hand_offs_s(w.input_tokens)
+
+    batch = kv_tokens // (w.input_tokens + w.output_tokens)
+    rate = 0.0
+    if over <= 0 and batch > 0:
+        micro = max(1, batch // layout.pp)
+        running = min(batch, micro * layout.pp)
+        context = w.input_tokens + w.output_tokens / 2
+        # A sequence waits a whole cycle between its tokens: every stage runs every micro-batch once.
+        cycle = max(layout.pp * max(stage_s(p, micro, context) for p in stages),
+                    sum(stage_s(p, micro, context) for p in stages) + hand_offs_s(micro))
+        per_request = max(prefill_stages) + w.output_tokens * cycle / running
+        rate = replicas / per_request
+    return Estimate(layout, replicas, max(p.weight_bytes for p in plans), over, kv_tokens,
+                    kv_tokens // w.context, decode, prefill, batch, rate, rate * w.output_tokens)
+
+
+def _flop_s(g: GPU, p: RankPlan) -> float:
+    """Seconds of one token through this rank's weights: 2 FLOPs a parameter, FP8 ones at the FP8 rate."""
+    return 2 * ((p.params - p.fp8_params) / g.bf16_flops + p.fp8_params / (g.fp8_flops or g.bf16_flops))
+
+
+def _all_reduce_s(g: GPU, tp: int, elements: int) -> float:
+    """A ring all-reduce: each rank sends 2(n-1)/n of the tensor over its NVLink."""
+    return 2 * (tp - 1) / tp * ACT_BYTES * elements / g.nvlink_bytes_per_s
+
+
+def _network_hops(cluster: Cluster, layout: Layout, replicas: int) -> int:
+    """Stage hand-offs that cross nodes, in the replica with the most, GPUs filled in rank order."""
+    def crossing(first: int) -> int:
+        return sum((first + s * layout.tp) // cluster.gpus_per_node != (first + (s - 1) * layout.tp)
+                   // cluster.gpus_per_node for s in range(1, layout.pp))
+    return max(crossing(r * layout.world_size) for r in range(replicas))
+
+
+def format_ranking(cfg: ModelConfig, cluster: Cluster, workload: Workload, estimates: list[Estimate]) -> str:
+    g, w = cluster.gpu, workload
+    lines = [f"{cfg.name} on {cluster.nodes} x {cluster.gpus_per_node} {g.name} ({g.memory_bytes / 1e9:.1f} GB, "
+             f"{RESERVE:.0%} reserved), {'fp8 + bf16' if cfg.quantization else 'bf16'} weights, bf16 KV cache; "
+             f"workload {w.input_tokens}:{w.output_tokens} tokens, context {w.context}",
+             f"{'#':>2}  {'layout':<19} {'weights GB':>10} {'KV tokens':>10} {'seqs':>6} {'decode ms':>9} "
+             f"{'prefill ms':>10} {'batch':>6} {'req/s':>7} {'out tok/s':>9} {'/GPU':>6}"]
+    for i, e in enumerate(estimates, 1):
+        name = f"{e.layout} x {e.replicas}"
+        head = f"{i:>2}  {name:<19} {e.weight_bytes / 1e9:>10.2f} "
+        if e.fits:
+            lines.append(head + f"{e.kv_tokens:>10,} {e.sequences:>6,} {e.decode_s * 1e3:>9.1f} "
+                                f"{e.prefill_s * 1e3:>10.0f} {e.batch:>6,} {e.requests_per_s:>7.2f} "
+                                f"{e.output_tokens_per_s:>9,.0f} {e.output_tokens_per_s / e.gpus:>6.1f}")
+        else:
+            lines.append(head + f"does not fit: {e.over_bytes / 1e9:.2f} GB over per GPU")
+    if not estimates:
+        lines.append("no layout: no TP that the model allows divides the GPUs of a node")
+    elif not estimates[0].fits:
+        e = estimates[0]
+        fp8_hint = "" if cfg.quantization else ", or --dtype fp8"
+        lines.append(f"no layout fits: the nearest, {e.layout} x {e.replicas}, needs {e.over_bytes / 1e9:.2f} GB "
+                     f"more per GPU; add nodes or take a GPU with more memory{fp8_hint}")
+    lines.append(f"weights: largest rank; KV tokens, seqs (at {w.context} tokens) and batch (at "
+                 f"{w.input_tokens + w.output_tokens}): per replica; decode: ms per token of one sequence; "
+                 f"req/s and out tok/s: whole cluster (ranked by), peak-rate ceilings (shard/planner.py)")
+    if cfg.quantization:
+        lines.append(FP8_RESIDENT_NOTE)
+    return "\n".join(lines)
+
+
+def ranking_json(cfg: ModelConfig, cluster: Cluster, workload: Workload, estimates: list[Estimate]) -> dict:
+    return {
+        "model": cfg.name, "gpu": cluster.gpu.name, "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
+        "dtype": "fp8" if cfg.quantization else "bf16", "reserve_fraction": RESERVE,
+        "workload": {"input_tokens": workload.input_tokens, "output_tokens": workload.output_tokens,
+                     "context": workload.context},
+        "ranked_by": "output_tokens_per_s",
+        "layouts": [{
+            "tp": e.layout.tp, "pp": e.layout.pp, "replicas": e.replicas, "gpus": e.gpus, "fits": e.fits,
+            "weight_bytes_per_gpu": e.weight_bytes, "over_bytes_per_gpu": max(0, e.over_bytes),
+            "kv_tokens_per_replica": e.kv_tokens, "sequences_per_replica": e.sequences,
+            "decode_s_per_token": e.decode_s, "prefill_s": e.prefill_s, "batch_per_replica": e.batch,
+            "requests_per_s": e.requests_per_s, "output_tokens_per_s": e.output_tokens_per_s,
+        } for e in estimates],
+    }

@@ -1,0 +1,53 @@
+"""`caravan plan --gpu ...`: ranking a cluster's layouts, as users run it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cluster.test_cli import LLAMA_405B, assert_user_error, caravan
+
+
+def test_rank_two_nodes_bf16() -> None:
+    # As in the README, from the repo root.
+    result = caravan("plan", "--model", "../shared/fixtures/llama-3.1-405b-instruct", "--gpu", "h100-80gb",
+                     "--nodes", "2", "--gpus-per-node", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "on 2 x 8 h100-80gb" in lines[0] and "bf16 weights" in lines[0]
+    (row,) = [line for line in lines if "TP 8 x PP 2 x 1" in line]
+    cells = row.split()
+    assert cells[8] == "50.74" and 29 < float(cells[11]) < 32  # weights GB per GPU, decode ms per token
+    assert "does not fit: 25.03 GB over per GPU" in result.stdout
+
+
+def test_rank_one_node_bf16_does_not_fit() -> None:
+    result = caravan("plan", "--model", LLAMA_405B, "--gpu", "h100-80gb", "--nodes", "1", "--gpus-per-node", "8")
+    assert result.returncode == 1, result.stderr
+    assert "no layout fits: the nearest, TP 8 x PP 1 x 1, needs 25.03 GB more per GPU" in result.stdout
+
+
+def test_rank_one_node_fp8_json() -> None:
+    result = caravan("plan", "--model", LLAMA_405B / "config.json", "--gpu", "h100-80gb", "--dtype", "fp8",
+                     "--tp", "8", "--workload", "1024:128", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["dtype"] == "fp8" and out["workload"] == {"input_tokens": 1024, "output_tokens": 128, "context": 8192}
+    (layout,) = out["layouts"]
+    assert (layout["tp"], layout["pp"], layout["replicas"], layout["fits"]) == (8, 1, 1, True)
+    assert layout["weight_bytes_per_gpu"] / 2**30 == pytest.approx(57.752, rel=0.05)
+    assert layout["output_tokens_per_s"] == pytest.approx(128 * layout["requests_per_s"])
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--gpu", "b300"], ["--gpu", "unknown GPU 'b300'", "a100-80gb, h100-80gb, h200"]),
+    (["--gpu", "h200", "--nodes", "0"], ["--nodes", "got 0"]),
+    (["--gpu", "h200", "--gpus-per-node", "-1"], ["--gpus-per-node", "got -1"]),
+    (["--gpu", "h200", "--workload", "1024"], ["--workload", "'1024'", "INPUT:OUTPUT"]),
+    (["--gpu", "h200", "--workload", "0:128"], ["--workload", "both >= 1"]),
+    (["--gpu", "h200", "--dtype", "float32"], ["--dtype", "use bf16 or fp8"]),
+    (["--nodes", "2"], ["--nodes", "needs --gpu"]),
+])
+def test_rank_bad_flags(flags: list[str], fragments: list[str]) -> None:
+    assert_user_error(caravan("plan", "--model", LLAMA_405B, *flags), "plan", *fragments)
