@@ -238,3 +238,44 @@ def test_a_stopped_probe_is_reported_as_the_link_that_hung_within_the_timeout(cl
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
     with pytest.raises(ProcessLookupError):
         os.kill(victim["pid"], 0)
+
+
+@pytest.mark.slow
+def test_caravan_doctor_names_the_link_that_hung_and_exits_1(cluster, model_dir, tmp_path):
+    """The same fault through the command a user runs: one probe process is stopped as soon as the
+    doctor starts probing links; it must name a link that hung, with that process's pid, and exit 1
+    within the link timeout, not the collective timeout."""
+    import psutil
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"model: {{path: {model_dir}}}\nlayout: {{tp: 2, pp: 2}}\nname: hangcli\n")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "doctor", str(path), "--address", cluster.address,
+                             "--timeout", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    stopped, err = None, []
+    try:
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("doctor: probing "):
+                probes = [p for p in psutil.process_iter(["cmdline"])
+                          if " ".join(p.info["cmdline"] or []).startswith("ray::LinkProbe")]
+                assert len(probes) == 4, [p.info["cmdline"] for p in probes]
+                stopped = probes[-1].pid
+                os.kill(stopped, signal.SIGSTOP)
+                started = time.monotonic()
+                break
+        out, rest = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    print(out, "".join(err) + rest)
+    assert stopped is not None, "the doctor never started probing links"
+    assert proc.returncode == 1
+    assert re.search(rf"FAIL \[link\] .* hung: .*pid {stopped} on n\d .* did not answer within 5 s", out), out
+    assert out.rstrip().splitlines()[-1].startswith("FAIL")
+    assert took < 30, took  # links of 3 s each, far from the 60 s collective timeout
