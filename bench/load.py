@@ -27,9 +27,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -132,19 +129,12 @@ def windows(ids: list[int], n: int, length: int, seed: int = 0) -> list[list[int
 # -- Caravan over gRPC ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def caravan_serve(slots: int, context: int, threads: int) -> Iterator[tuple[str, str]]:
     """`caravan serve` in a subprocess on a free loopback port, as a user starts it: one simulated node, TP 1 x
     PP 1, KV blocks for `slots` sequences of `context` tokens. Yields (target, token) once it serves; SIGTERM
     (a drain) at the end."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from cluster.launch import free_port, serve_subprocess
 
     folder, port, token = Path(tempfile.mkdtemp(prefix="caravan-load-")), free_port(), "load-bench-token"
     (folder / "token").write_text(token)
@@ -156,36 +146,10 @@ kv_cache: {{block_size: 16, num_blocks: {slots * -(-context // 16) + 16}}}
 scheduler: {{max_num_seqs: {slots}, max_tokens_per_step: {max(512, slots)}}}
 router: {{port: {port}, metrics_port: 0, max_in_flight: {max(256, slots)}, auth_token_file: token}}
 """)
-    log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(folder / "cluster.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
     target = f"127.0.0.1:{port}"
     print(f"starting caravan serve on {target} (log: {folder / 'serve.log'})", file=sys.stderr)
-    try:
-        with grpc.insecure_channel(target) as channel:
-            health, start = health_pb2_grpc.HealthStub(channel), time.monotonic()
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"caravan serve exited {proc.returncode} before serving; its log "
-                                       f"{folder / 'serve.log'} ends:\n{(folder / 'serve.log').read_text()[-2000:]}")
-                if time.monotonic() - start > 300:
-                    raise RuntimeError(f"caravan serve did not serve within 300 s; see {folder / 'serve.log'}")
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
+    with serve_subprocess(folder / "cluster.yaml", target):
         yield target, token
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
 
 
 def server_prompts(target: str, token: str | None, args) -> tuple[list[list[int]], str]:

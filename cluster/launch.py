@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -116,8 +118,6 @@ def serve_attached(config: ServeConfig, *, once: str | None = None, max_tokens: 
 
 
 async def _attend(router, once: str | None, max_tokens: int) -> int:
-    import signal
-
     endpoint = await router.endpoint.remote()
     host = "127.0.0.1" if endpoint["host"] in ("0.0.0.0", "::", "[::]") else endpoint["host"]
     where = f"{host}:{endpoint['port']}"
@@ -175,3 +175,55 @@ async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens:
     return await asyncio.to_thread(client.run, "serve", where, ask, token_file=Path(endpoint["token_file"]),
                                    tls_ca=Path(endpoint["tls_cert_file"]) if endpoint["tls_cert_file"] else None,
                                    err=sys.stderr)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a router started next (router.port 0 would hide it from the
+    caller, who must know where to connect)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_subprocess(config_path: Path, target: str, *, timeout_s: float = 300.0,
+                     stop_s: float = 90.0) -> Iterator[subprocess.Popen]:
+    """`caravan serve CONFIG` in a child process, as a user starts it (its output in serve.log beside the
+    config), for scripts that drive a server as clients do: benchmarks and end-to-end tests. Yields the
+    process once the router at `target` reports SERVING; a child that exits first, or does not serve
+    within `timeout_s`, is a RuntimeError quoting the end of its log. At the end, SIGTERM (a drain),
+    and a kill if it has not stopped within `stop_s`."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    log_path = config_path.parent / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config_path)], stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            with grpc.insecure_channel(target) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"caravan serve exited {proc.returncode} before serving; {log_path} "
+                                           f"ends:\n{log_path.read_text()[-2000:]}")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"caravan serve did not serve within {timeout_s:g} s; see {log_path}")
+                    try:
+                        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                        if status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass  # not listening yet
+                    time.sleep(0.25)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(stop_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

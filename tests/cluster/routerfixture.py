@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -18,12 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.launch import serve_subprocess
 
 
 @contextmanager
@@ -33,25 +25,16 @@ def caravan_serve(folder: Path, config_yaml: str, token: str, port: int) -> Iter
     The clients also carry the process, its log and the config's path."""
     (folder / "token").write_text(token)
     (folder / "cluster.yaml").write_text(config_yaml)
-    log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(folder / "cluster.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    clients = Clients(channel, token)
-    clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", f"127.0.0.1:{port}"
-    clients.config_path = folder / "cluster.yaml"
+    target = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(target)
     try:
-        clients.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout_s=240)
-        yield clients
+        with serve_subprocess(folder / "cluster.yaml", target, timeout_s=240) as proc:
+            clients = Clients(channel, token)
+            clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", target
+            clients.config_path = folder / "cluster.yaml"
+            yield clients
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         channel.close()
-        log.close()
         print((folder / "serve.log").read_text()[-3000:])
 
 

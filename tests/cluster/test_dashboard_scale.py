@@ -21,7 +21,8 @@ import pytest
 
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
-from tests.cluster.routerfixture import Clients, caravan_serve, free_port
+from cluster.launch import free_port
+from tests.cluster.routerfixture import Clients, caravan_serve
 
 pytestmark = pytest.mark.slow
 

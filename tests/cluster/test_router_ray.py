@@ -23,7 +23,8 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from tests.cluster.malformed import cases
-from tests.cluster.routerfixture import caravan_serve, expect_malformed, flood, free_port
+from cluster.launch import free_port
+from tests.cluster.routerfixture import caravan_serve, expect_malformed, flood
 
 pytestmark = pytest.mark.slow
 
