@@ -220,13 +220,13 @@ def _declared(details: dict) -> dict[str, dict]:
             if app.get("source") == "declarative" and app.get("deployed_app_config")}
 
 
-def _apply(apps: dict[str, dict]) -> None:
+def _apply(apps: dict[str, dict], details: dict) -> None:
     """Applies the declarative state `apps` (Serve deletes declarative applications not named). The
     proxy location stays what the cluster's Serve runs with (a KubeRay RayService runs HeadOnly)."""
     from ray.serve.schema import ServeDeploySchema
 
     client = _client()
-    proxy = serve_details().get("proxy_location") or "Disabled"
+    proxy = details.get("proxy_location") or "Disabled"
     config = {"proxy_location": proxy, "applications": list(apps.values())}
     client.deploy_apps(ServeDeploySchema.model_validate(config))
 
@@ -252,10 +252,10 @@ def deploy(config: ServeConfig, model_dir: str | None = None) -> None:
     check_fits(config, config.replicas)
     if model_dir is not None:
         config = replace(config, model=replace(config.model, path=model_dir))
-    _client()
-    apps = _declared(serve_details())
+    details = serve_details()
+    apps = _declared(details)
     apps[config.name] = serve_app_config(config)
-    _apply(apps)
+    _apply(apps, details)
     wait_running(config.name, config.timeouts.setup_s)
 
 
@@ -296,7 +296,8 @@ def set_replicas(app_name: str, replicas: int) -> int:
     """Sets the `replica` deployment's num_replicas in the application's declared Serve config and
     applies it, as a dashboard PUT with a new count does: replicas that stay keep serving. Returns
     the previous count."""
-    apps = _declared(serve_details())
+    details = serve_details()
+    apps = _declared(details)
     if app_name not in apps:
         raise PlacementError(f"application {app_name!r} is not deployed declaratively on this Ray cluster; deploy it "
                              "with `caravan serve`, `serve deploy` or a RayService first")
@@ -307,7 +308,7 @@ def set_replicas(app_name: str, replicas: int) -> int:
         deployments.append(entry)
     previous = entry.get("num_replicas", 1)
     entry["num_replicas"] = replicas
-    _apply(apps)
+    _apply(apps, details)
     # Serve applies a config on its own loop; wait until it works towards the new count, so that a
     # status read next (Admin.Status, `caravan status`) shows it.
     deadline = time.monotonic() + SCALE_APPLIED_S
@@ -323,10 +324,11 @@ def set_replicas(app_name: str, replicas: int) -> int:
 def delete(app_name: str, timeout_s: float = 120.0) -> None:
     """Removes the application, keeping the cluster's other declarative applications, and waits
     until Serve has stopped its replicas (each first finishes its in-flight requests)."""
-    apps = _declared(serve_details())
+    details = serve_details()
+    apps = _declared(details)
     if apps.pop(app_name, None) is None:
         return
-    _apply(apps)
+    _apply(apps, details)
     deadline = time.monotonic() + timeout_s
     while app_name in serve_details()["applications"]:
         if time.monotonic() > deadline:
