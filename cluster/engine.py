@@ -92,17 +92,25 @@ class EngineStats:
     preemptions: int
     failed: str | None
     queued_tokens: int         # prompt tokens not yet prefilled: work owed beyond what the blocks show
+    # The prefix cache (`cluster.scheduler.CacheStats`), counted since the replica started.
+    # `free_blocks` counts the cached blocks no sequence holds: they are taken back when needed.
+    prefix_cached_blocks: int = 0
+    prefix_requests: int = 0
+    prefix_hit_requests: int = 0
+    prefix_prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_evictions: int = 0
 
 
 class Engine:
     def __init__(self, executor: Executor, cfg: ModelConfig, eos_token_ids: frozenset[int], *, num_blocks: int,
                  block_size: int, lanes: int = 1, max_num_seqs: int = 64, max_tokens_per_step: int = 512,
-                 step_timeout_s: float = 15.0, name: str = "replica"):
+                 step_timeout_s: float = 15.0, name: str = "replica", prefix_caching: bool = True):
         self.executor, self.cfg, self.name = executor, cfg, name
         self.sched = Scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
                                max_tokens_per_step=max_tokens_per_step,
                                max_model_len=cfg.max_position_embeddings, eos_token_ids=eos_token_ids, lanes=lanes,
-                               vocab_size=cfg.vocab_size)
+                               vocab_size=cfg.vocab_size, prefix_caching=prefix_caching)
         self.step_timeout_s = step_timeout_s
         self.steps = 0
         self.last_progress = time.monotonic()   # when a step last completed (or the engine started)
@@ -114,9 +122,10 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
 
     def stats(self) -> EngineStats:
-        s = self.sched
+        s, c = self.sched, self.sched.cache_stats()
         return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
-                           s.preemptions, self.failed, s.queued_tokens)
+                           s.preemptions, self.failed, s.queued_tokens, c.cached_blocks, c.requests, c.hit_requests,
+                           c.prompt_tokens, c.hit_tokens, c.evictions)
 
     def needs_probe(self, quiet_s: float) -> bool:
         """Healthy as far as it knows, but idle (nothing running or waiting) with no step for

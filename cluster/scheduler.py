@@ -14,28 +14,87 @@ which KV blocks. No I/O and no clock: the engine calls `add`, `schedule`, `updat
   a sequence, and a lane is scheduled only after its previous batch returned. Each lane owns an
   equal share of the KV blocks: a lane can then always preempt its way to progress, where lanes
   sharing one pool can starve each other (blocks held by batches in flight cannot be taken back).
+- Prefix caching (on unless `prefix_caching=False`): a full block whose KV has been written is
+  published under the hash of its tokens chained to the blocks before it (`block_hashes`); a
+  sequence being admitted takes the cached blocks of its longest cached prefix and computes only
+  the rest, at least its last token. Finished, aborted and preempted sequences release their
+  blocks, which stay cached until new KV needs them (least recently used first). The cache is per
+  lane, since it is made of the lane's blocks; a new sequence goes to the lane that holds most of
+  its prompt unless that lane is busier than the others.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import hashlib
+import itertools
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import astuple, dataclass, field
+from typing import Sequence as Tokens
 
 from cluster.offline import RequestError, check_request
 from shard.sampler import Sample, SamplingParams, stop_reason
 from shard.worker import SeqChunk, StepInput
 
 
-class BlockManager:
-    """A free list of KV block ids: one lane's share of the replica's cache."""
+def block_hashes(token_ids: Tokens[int], block_size: int, known: list[int] | None = None) -> list[int]:
+    """The hash chain of the full blocks of `token_ids`: block i's hash covers its tokens and block
+    i-1's hash, so equal hashes mean equal tokens at equal positions, from the first token on: the
+    same KV. `known` is a prefix of the chain already computed; it is extended in place and returned.
+    128-bit BLAKE2b, because a collision would hand one request another's KV."""
+    chain = [] if known is None else known
+    prev = chain[-1].to_bytes(16, "little") if chain else b""
+    for start in range(len(chain) * block_size, len(token_ids) - block_size + 1, block_size):
+        digest = hashlib.blake2b(prev, digest_size=16)
+        digest.update(array("q", token_ids[start:start + block_size]).tobytes())
+        prev = digest.digest()
+        chain.append(int.from_bytes(prev, "little"))
+    return chain
 
-    def __init__(self, block_ids: range, block_size: int):
-        self.num_blocks, self.block_size = len(block_ids), block_size
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Prefix-cache counters of one replica since it started. Hits are counted when a request is first
+    admitted (a preempted one that finds its own blocks again is not a hit)."""
+
+    cached_blocks: int = 0        # blocks holding a cached full block, whether a sequence holds them or not
+    requests: int = 0             # requests admitted
+    hit_requests: int = 0         # of those, requests that found at least one block cached
+    prompt_tokens: int = 0        # their prompt tokens
+    hit_tokens: int = 0           # of those, tokens whose KV came from the cache
+    evictions: int = 0            # cached blocks taken back for new KV
+
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+class BlockManager:
+    """One lane's share of the replica's KV blocks, with a prefix cache.
+
+    A block is free (nothing worth keeping), held (by one or more sequences: `_refs`), or cached
+    and held by nobody (`_evictable`, least recently used first). Full blocks whose KV is written
+    are published under their chain hash (`publish`); a sequence whose tokens start with published
+    blocks takes them (`take`) instead of computing them again. New blocks come from the free list
+    first and only then from the evictable ones, oldest first, so the cache keeps everything it can.
+    Cached blocks are only ever read: a sequence writes only blocks it got from `grow`."""
+
+    def __init__(self, block_ids: range, block_size: int, caching: bool = True):
+        self.num_blocks, self.block_size, self.caching = len(block_ids), block_size, caching
         self._free = deque(block_ids)
+        self._refs: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._by_hash: OrderedDict[int, int] = OrderedDict()  # chain hash -> block, least recently used first
+        self._hash_of: dict[int, int] = {}
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `grow` can hand out: free ones and cached ones no sequence holds."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_hash)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -44,15 +103,86 @@ class BlockManager:
         """Blocks to add to `table` so that it holds `num_tokens` tokens."""
         return max(0, self.blocks_for(num_tokens) - len(table))
 
+    def match(self, chain: list[int]) -> list[int]:
+        """The cached blocks of the longest prefix of `chain`, without taking them."""
+        blocks = []
+        for h in chain:
+            if (block := self._by_hash.get(h)) is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def evictable_among(self, blocks: list[int]) -> int:
+        """How many of `blocks` nobody holds: taking them uses up that many of `num_free`."""
+        return sum(b in self._evictable for b in blocks)
+
+    def take(self, table: list[int], blocks: list[int]) -> None:
+        """Appends cached `blocks` (from `match`) to `table`, holding them."""
+        for b in blocks:
+            self._evictable.pop(b, None)
+            self._refs[b] = self._refs.get(b, 0) + 1
+            self._by_hash.move_to_end(self._hash_of[b])
+        table.extend(blocks)
+
     def grow(self, table: list[int], num_tokens: int) -> None:
         need = self.missing(table, num_tokens)
-        assert need <= len(self._free), "grow() past the free blocks; check missing() first"
-        table.extend(self._free.popleft() for _ in range(need))
+        assert need <= self.num_free, "grow() past the free blocks; check missing() first"
+        for _ in range(need):
+            if self._free:
+                b = self._free.popleft()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(b)]
+                self.evictions += 1
+            self._refs[b] = 1
+            table.append(b)
+
+    def publish(self, block: int, chain_hash: int) -> None:
+        """Makes a held block's KV (now written) findable by its chain hash. A block with that hash
+        already cached (two sequences computed the same prefix at once) stays the one found; this
+        one stays private and is freed with its sequence."""
+        if self.caching and chain_hash not in self._by_hash and block not in self._hash_of:
+            self._by_hash[chain_hash] = block
+            self._hash_of[block] = chain_hash
 
     def free(self, table: list[int]) -> None:
-        self._free.extend(table)
-        assert len(self._free) <= self.num_blocks, "a block was freed twice"
+        """Releases a sequence's blocks: cached ones nobody else holds become evictable, last block
+        first, so that a sequence's tail goes before the prefix it shares with others."""
+        for b in reversed(table):
+            assert b in self._refs, f"block {b} was freed twice"
+            refs = self._refs.pop(b) - 1
+            if refs:
+                self._refs[b] = refs
+            elif b in self._hash_of:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
         table.clear()
+
+    def drop_cache(self) -> None:
+        """Forgets every cached block (the KV is gone: the replica failed). Only once nothing is held."""
+        assert not self._refs, "drop_cache() while sequences hold blocks"
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._by_hash.clear()
+        self._hash_of.clear()
+
+    def recent_hashes(self, limit: int) -> list[int]:
+        """Chain hashes of up to `limit` cached blocks, most recently used first."""
+        return list(itertools.islice(reversed(self._by_hash), limit))
+
+    def check(self, tables: list[list[int]]) -> None:
+        """Asserts that every block is exactly one of free, held or evictable, that the held ones are
+        held by exactly `tables` (the block tables of the lane's sequences), and that every cached
+        block is held or evictable: no block leaked."""
+        free, held, idle = set(self._free), set(self._refs), set(self._evictable)
+        assert len(free) + len(held) + len(idle) == self.num_blocks == len(free | held | idle), "a block leaked"
+        refs: dict[int, int] = {}
+        for b in itertools.chain.from_iterable(tables):
+            refs[b] = refs.get(b, 0) + 1
+        assert refs == self._refs, f"blocks held {self._refs}, by the sequences' tables {refs}"
+        assert set(self._hash_of) <= held | idle and idle <= set(self._hash_of)
+        assert all(self._hash_of[b] == h for h, b in self._by_hash.items())
 
 
 @dataclass
@@ -65,6 +195,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0                         # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    chain: list[int] = field(default_factory=list)  # hash chain of its full blocks (`block_hashes`)
+    num_published: int = 0                        # blocks of its table already offered to the prefix cache
+    counted: bool = False                         # its admission is in the prefix-cache counters
     running: bool = False
     in_flight: bool = False
     aborted: bool = False
@@ -105,14 +238,17 @@ class TokenUpdate:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_num_seqs: int, max_tokens_per_step: int,
-                 max_model_len: int, eos_token_ids: frozenset[int], lanes: int = 1, vocab_size: int | None = None):
+                 max_model_len: int, eos_token_ids: frozenset[int], lanes: int = 1, vocab_size: int | None = None,
+                 prefix_caching: bool = True):
         if max_tokens_per_step < max_num_seqs:
             raise ValueError(f"max_tokens_per_step ({max_tokens_per_step}) must be at least max_num_seqs "
                              f"({max_num_seqs}): a step must hold one decode token of every running sequence")
         if num_blocks < lanes:
             raise ValueError(f"{num_blocks} KV blocks cannot be shared by {lanes} lanes; give the replica more KV memory")
         share = num_blocks // lanes
-        self.pools = [BlockManager(range(i * share, (i + 1) * share), block_size) for i in range(lanes)]
+        self.pools = [BlockManager(range(i * share, (i + 1) * share), block_size, prefix_caching)
+                      for i in range(lanes)]
+        self.prefix_caching = prefix_caching
         self.num_blocks, self.block_size = share * lanes, block_size
         self.max_num_seqs, self.max_tokens_per_step = max_num_seqs, max_tokens_per_step
         self.max_model_len, self.eos_token_ids, self.vocab_size = max_model_len, eos_token_ids, vocab_size
@@ -121,6 +257,7 @@ class Scheduler:
         self._running: list[list[Sequence]] = [[] for _ in range(lanes)]  # in arrival order
         self._arrivals = 0
         self.preemptions = 0
+        self._admissions = CacheStats()
 
     @property
     def lanes(self) -> int:
@@ -137,6 +274,22 @@ class Scheduler:
     @property
     def num_free_blocks(self) -> int:
         return sum(p.num_free for p in self.pools)
+
+    def cache_stats(self) -> CacheStats:
+        return sum((CacheStats(cached_blocks=p.num_cached, evictions=p.evictions) for p in self.pools),
+                   self._admissions)
+
+    def cached_hashes(self, limit: int) -> list[int]:
+        """Chain hashes of up to `limit` cached blocks over all lanes, most recently used first in each
+        lane and the lanes taken in turn: what routing learns of this replica's cache."""
+        per_lane = [p.recent_hashes(limit) for p in self.pools]
+        mixed = (h for hs in itertools.zip_longest(*per_lane) for h in hs if h is not None)
+        return list(itertools.islice(mixed, limit))
+
+    def check_blocks(self) -> None:
+        """Asserts that every block is free, cached, or held by a sequence this scheduler knows."""
+        for lane, pool in enumerate(self.pools):
+            pool.check([s.block_table for s in self.seqs.values() if s.lane == lane])
 
     @property
     def queued_tokens(self) -> int:
@@ -158,11 +311,17 @@ class Scheduler:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
                                f"{pool.blocks_for(total)} KV blocks, more than the {pool.num_blocks} of one batch "
                                f"lane; lower max_tokens or give the replica more KV memory")
-        lane = min(range(self.lanes), key=lambda i: len(self._waiting[i]) + len(self._running[i]))
-        seq = Sequence(seq_id, list(prompt_ids), params, lane, self._arrivals)
+        seq = Sequence(seq_id, list(prompt_ids), params, 0, self._arrivals)
+        if self.prefix_caching:
+            block_hashes(seq.prompt_ids, self.block_size, seq.chain)
+        # The least busy lane, or one at most one sequence busier that holds more of the prompt
+        # (each lane has a cache of its own, over its own blocks).
+        load = [len(self._waiting[i]) + len(self._running[i]) for i in range(self.lanes)]
+        seq.lane = min((i for i in range(self.lanes) if load[i] <= min(load) + 1),
+                       key=lambda i: (-len(self._cached_prefix(seq, self.pools[i])), load[i], i))
         self._arrivals += 1
         self.seqs[seq_id] = seq
-        self._waiting[lane].append(seq)
+        self._waiting[seq.lane].append(seq)
 
     def abort(self, seq_id: int) -> bool:
         """Drops a sequence and frees its blocks at once. One in flight is forgotten when its batch
@@ -200,13 +359,19 @@ class Scheduler:
             chosen.append((seq, n))
             budget -= n
         # Then waiting sequences, oldest first; a waiting sequence never preempts a running one.
+        # Each starts after its longest cached prefix.
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = waiting[0]
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if pool.missing(seq.block_table, seq.num_computed + n) > pool.num_free:
+            hit = self._cached_prefix(seq, pool)
+            start = len(hit) * self.block_size
+            n = min(len(seq.token_ids) - start, budget)
+            if pool.missing(hit, start + n) + pool.evictable_among(hit) > pool.num_free:
                 break
             waiting.popleft()
-            pool.grow(seq.block_table, seq.num_computed + n)
+            pool.take(seq.block_table, hit)
+            seq.num_computed = seq.num_published = start
+            self._count_admission(seq, start)
+            pool.grow(seq.block_table, start + n)
             seq.running = True
             running.append(seq)
             chosen.append((seq, n))
@@ -231,6 +396,7 @@ class Scheduler:
             if seq.aborted:
                 self._finish(seq)
                 continue
+            self._publish(seq)
             if chunk.params is None:
                 continue  # a prompt chunk before the last one: nothing sampled yet
             smp = samples[seq.seq_id]
@@ -247,7 +413,35 @@ class Scheduler:
         for seq in list(self.seqs.values()):
             seq.in_flight = False
             self._finish(seq)
+        for pool in self.pools:
+            pool.drop_cache()  # the KV went with the replica's shards
         return ids
+
+    def _cached_prefix(self, seq: Sequence, pool: BlockManager) -> list[int]:
+        """Blocks of `pool` caching the start of `seq`'s tokens; never the block of its last token,
+        which must be computed to sample from (and cached blocks are never written)."""
+        if not self.prefix_caching:
+            return []
+        chain = block_hashes(seq.token_ids, self.block_size, seq.chain)
+        return pool.match(chain[: (len(seq.token_ids) - 1) // self.block_size])
+
+    def _count_admission(self, seq: Sequence, cached_tokens: int) -> None:
+        if not seq.counted:
+            seq.counted = True
+            self._admissions += CacheStats(requests=1, hit_requests=int(cached_tokens > 0),
+                                           prompt_tokens=len(seq.prompt_ids), hit_tokens=cached_tokens)
+
+    def _publish(self, seq: Sequence) -> None:
+        """Offers the blocks `seq` filled (prompt or output: the next turn of a chat starts with this
+        one's answer) to the prefix cache, once the step that wrote them has returned."""
+        full = seq.num_computed // self.block_size
+        if not self.prefix_caching or full <= seq.num_published:
+            return
+        chain = block_hashes(seq.token_ids, self.block_size, seq.chain)
+        pool = self.pools[seq.lane]
+        for i in range(seq.num_published, full):
+            pool.publish(seq.block_table[i], chain[i])
+        seq.num_published = full
 
     def _make_room(self, seq: Sequence, num_tokens: int, lane: int) -> bool:
         """Preempts the lane's newest running sequences until `seq` can grow to `num_tokens`.
@@ -262,8 +456,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._running[seq.lane].remove(seq)
-        self.pools[seq.lane].free(seq.block_table)
-        seq.num_computed, seq.running = 0, False
+        self.pools[seq.lane].free(seq.block_table)  # its published blocks stay cached: it may find them again
+        seq.num_computed, seq.num_published, seq.running = 0, 0, False
         seq.preemptions += 1
         self.preemptions += 1
         # Back to the front, ahead of younger waiting sequences, so it resumes first.

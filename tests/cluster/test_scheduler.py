@@ -44,9 +44,11 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
     return tokens[len(prompt):]
 
 
-def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens_per_step=32, lanes=1, max_model_len=512):
+def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens_per_step=32, lanes=1, max_model_len=512,
+         prefix_caching=True):
     return Scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs, max_tokens_per_step=max_tokens_per_step,
-                     max_model_len=max_model_len, eos_token_ids=frozenset({EOS}), lanes=lanes)
+                     max_model_len=max_model_len, eos_token_ids=frozenset({EOS}), lanes=lanes,
+                     prefix_caching=prefix_caching)
 
 
 def drive(sched: Scheduler, arrivals: dict[int, list[tuple[int, list[int], SamplingParams]]], lanes: int = 1):
@@ -86,6 +88,7 @@ def test_every_sequence_matches_its_solo_run_and_every_block_comes_back(num_bloc
         for seq_id, prompt, params in reqs:
             assert outputs[seq_id] == reference(prompt, params.max_tokens), seq_id
     assert sched.num_free_blocks == num_blocks and not sched.seqs
+    sched.check_blocks()
     assert (sched.preemptions > 0) == (num_blocks < 100)  # a small KV budget does force preemption
     for b in batches:
         assert b.num_tokens <= 32 and len(b.seqs) <= 8
@@ -115,8 +118,9 @@ def test_decodes_are_not_starved_by_a_long_prompt():
 
 
 def test_preempted_sequence_is_recomputed_from_prompt_and_outputs():
-    # 3 blocks of 4: two sequences of 4 + 8 tokens cannot both hold their KV to the end.
-    sched = make(num_blocks=3, block_size=4)
+    # 3 blocks of 4: two sequences of 4 + 8 tokens cannot both hold their KV to the end. Without the
+    # prefix cache, which would give the preempted one its first block back (test_prefix_cache.py).
+    sched = make(num_blocks=3, block_size=4, prefix_caching=False)
     a, b = [1, 2, 3], [4, 5, 6]
     outputs, batches = drive(sched, {0: [(0, a, SamplingParams(temperature=0, max_tokens=6)),
                                          (1, b, SamplingParams(temperature=0, max_tokens=6))]})
