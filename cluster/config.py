@@ -15,6 +15,7 @@ kv_cache:
   block_size: 16              # tokens per KV cache block
   memory_per_shard: 64MiB     # KV memory of each shard: bytes, or KiB/MiB/GiB, KB/MB/GB, K/M/G (binary)
   num_blocks: null            # exactly this many blocks per shard instead of sizing from memory_per_shard
+  prefix_caching: true        # keep the KV of full blocks for later requests that start with the same tokens
 scheduler:
   max_num_seqs: 64            # sequences in one step
   max_tokens_per_step: 512    # token budget of one step: decodes (1 each) + prefill chunks; >= max_num_seqs
@@ -144,6 +145,7 @@ class KVCacheSection:
     block_size: int = _rule(16, _AT_LEAST_1)
     memory_per_shard: int = _rule(64 * 2**20, _AT_LEAST_1, _bytes)
     num_blocks: int | None = _rule(None, _AT_LEAST_1)
+    prefix_caching: bool = _rule(True, (lambda v: True, "use true or false"))
 
 
 @dataclass(frozen=True)

@@ -102,5 +102,5 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     engine = Engine(RayExecutor(actors, names, layout), model, eos, num_blocks=num_blocks, block_size=cfg.kv_cache.block_size,
                     lanes=layout.pp, max_num_seqs=cfg.scheduler.max_num_seqs,
                     max_tokens_per_step=cfg.scheduler.max_tokens_per_step, step_timeout_s=cfg.timeouts.step_s,
-                    name=name)
+                    name=name, prefix_caching=cfg.kv_cache.prefix_caching)
     return RayReplica(name, places, actors, engine, num_blocks)

@@ -24,6 +24,7 @@ kv_cache:
   block_size: 32
   memory_per_shard: 1GiB
   num_blocks: 500
+  prefix_caching: false
 scheduler:
   max_num_seqs: 8
   max_tokens_per_step: 256
@@ -88,7 +89,7 @@ def test_full_file_sets_every_key(tmp_path):
     assert cfg.model.path == str((tmp_path / "weights" / "llama").resolve())
     assert cfg.model.torch_dtype is torch.bfloat16
     assert (cfg.layout.tp, cfg.layout.pp, cfg.replicas) == (2, 4, 3)
-    assert cfg.kv_cache == KVCacheSection(block_size=32, memory_per_shard=2**30, num_blocks=500)
+    assert cfg.kv_cache == KVCacheSection(block_size=32, memory_per_shard=2**30, num_blocks=500, prefix_caching=False)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_tokens_per_step) == (8, 256)
     assert dataclasses.astuple(cfg.timeouts) == (600.0, 2.5, 30.0, 0.5)
     assert (cfg.shard.device, cfg.shard.cpu_threads) == ("cuda", 4)
