@@ -1,4 +1,4 @@
-"""The linear layers of one decode step on CPU, three ways: Caravan's kernel (shard/cpu_kernels.c),
+"""The linear layers of one decode step on CPU, three ways: Caravan's kernel (shard/kernels/cpu_kernels.c),
 MKL's GEMM as (W @ x.T).T, and F.linear (addmm). Same weights, same process, alternating rounds;
 prints the best round of each and the kernel's speedup, per batch size.
 
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
-    from shard import cpu_kernels
+    from shard.kernels import cpu as cpu_kernels
 
     torch.set_num_threads(args.threads)
     lib = cpu_kernels.library()

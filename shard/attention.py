@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
-from shard import cpu_kernels
+from shard import kernels
 
 
 class KVCache:
@@ -46,6 +47,10 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [D, 1, 1, S] True where a key is visible; None when D == 0
     decode_kv_lens: torch.Tensor    # [D] keys each decode attends to (its context and itself)
     starts: list[int]               # first row of each sequence in the packed batch
+    decode_max_kv_len: int = 0      # the most keys any decode attends to (a host-side bound)
+    # A CUDA graph's step: the tensors are buffers refilled before each replay, so nothing here may
+    # depend on their values (decode_mask is None; decode_max_kv_len bounds the block tables' width).
+    static: bool = False
 
     @property
     def decode_only(self) -> bool:
@@ -81,42 +86,48 @@ class AttentionMetadata:
             decode_mask=mask,
             decode_kv_lens=kv_len.to(device),
             starts=starts,
+            decode_max_kv_len=int(kv_len.max()) if decode else 0,
         )
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, *,
+                    cached: bool = False) -> torch.Tensor:
     """q: [T, H, D], k and v: [T, KV, D] for the new tokens; k_cache, v_cache: one layer's
-    [blocks, block_size, KV, D]. Writes k and v into the cache, returns [T, H, D]."""
+    [blocks, block_size, KV, D]. Writes k and v into the cache (unless `cached`: a fused kernel
+    already did), returns [T, H, D]."""
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    if not cached:
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     # Decode-only steps (the common case) return the batched result directly and need no buffer.
     out = torch.empty_like(q) if meta.prefill_ids else None
     for i in meta.prefill_ids:
         start, qlen, ctx = meta.starts[i], meta.query_lens[i], meta.context_lens[i]
-        qi = q[start:start + qlen].transpose(0, 1)  # [H, q, D]
         if ctx == 0:
             ki, vi = k[start:start + qlen], v[start:start + qlen]
-            mask = None
         else:
             # A later chunk of a chunked prefill: earlier chunks' keys come from the cache.
             blocks = meta.block_tables[i, : -(-(ctx + qlen) // block_size)]
             ki = k_cache.index_select(0, blocks).flatten(0, 1)[: ctx + qlen]
             vi = v_cache.index_select(0, blocks).flatten(0, 1)[: ctx + qlen]
-            mask = torch.ones(qlen, ctx + qlen, dtype=torch.bool, device=q.device).tril(ctx)
-        oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
-                                            is_causal=mask is None, scale=scale, enable_gqa=True)
-        out[start:start + qlen] = oi.transpose(0, 1)
+        out[start:start + qlen] = prefill_attention(q[start:start + qlen], ki, vi, ctx, scale)
 
-    if meta.decode_mask is not None and (lib := cpu_kernels.for_tensor(q)) is not None \
-            and cpu_kernels.attention_fits(q.shape[1], head_dim):
-        od = cpu_kernels.paged_decode_attention(q, meta.decode_token_index, k_cache, v_cache, meta.block_tables,
+    if meta.decode_mask is None and not meta.static:
+        return out
+    heads = q.shape[1]
+    if (lib := kernels.cpu_lib(q)) is not None and kernels.cpu.attention_fits(heads, head_dim):
+        od = kernels.cpu.paged_decode_attention(q, meta.decode_token_index, k_cache, v_cache, meta.block_tables,
                                                 meta.decode_ids, meta.decode_kv_lens, scale, lib)
-        if out is None:
-            return od
-        out[meta.decode_token_index] = od
-    elif meta.decode_mask is not None:
+    elif (tk := kernels.triton_for(q, "decode_attention")) is not None and tk.attention_fits(heads, kv_heads,
+                                                                                            head_dim):
+        # Reads each sequence's blocks where they lie: no gather copy, no mask.
+        od = tk.paged_decode_attention(q, meta.decode_token_index, meta.decode_ids, meta.decode_kv_lens,
+                                       meta.block_tables, k_cache, v_cache, scale, meta.decode_max_kv_len)
+    else:
+        if meta.static:
+            raise RuntimeError("a CUDA graph's decode step needs the Triton paged decode attention "
+                               "(shard.kernels.triton), which is off or does not take these shapes")
         span_blocks = meta.decode_mask.shape[-1] // block_size
         tables = meta.block_tables[meta.decode_ids, :span_blocks].flatten()  # [D * nb]
         # index_select, not k_cache[tables]: advanced indexing is ~10x slower on CPU here.
@@ -125,7 +136,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         qd = (q if out is None else q[meta.decode_token_index]).unsqueeze(2)  # [D, H, 1, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
                                             enable_gqa=True).squeeze(2)
-        if out is None:
-            return od  # rows are already in batch order
-        out[meta.decode_token_index] = od
+    if out is None:
+        return od  # rows are already in batch order
+    out[meta.decode_token_index] = od
     return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
+    """One sequence's new tokens q [q, H, D] over its keys k, v [ctx + q, KV, D] (the first `ctx`
+    cached), causal. Returns [q, H, D].
+
+    The call is 4-D ([1, heads, tokens, D]): with 3-D tensors PyTorch's CUDA dispatch takes the math
+    fallback (57x slower at 8,192 tokens on an H200), with a batch dimension the flash or efficient
+    kernels. Grouped-query heads are not repeated (`enable_gqa`), except for fp32 on CUDA: no fused
+    kernel takes that pair (flash wants half precision, the efficient kernel equal heads), so fp32,
+    a correctness mode, repeats K/V to reach the efficient kernel. A later chunk's causal mask is
+    the lower-right aligned one (query i sees keys up to ctx + i), which the fused kernels take."""
+    qlen, heads, _ = q.shape
+    q4, k4, v4 = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = k.shape[1] != heads
+    if gqa and q.is_cuda and q.dtype == torch.float32:
+        k4, v4 = (t.repeat_interleave(heads // k.shape[1], dim=1) for t in (k4, v4))
+        gqa = False
+    mask = causal_lower_right(qlen, ctx + qlen) if ctx else None
+    o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=not ctx, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)

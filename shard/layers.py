@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard import cpu_kernels
+from shard import kernels
+from shard.kernels import cpu as cpu_kernels
 from shard.config import RopeScaling
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. On CPU the rows of a decode step take faster paths than F.linear's addmm:
-    up to 128 rows in float32, the hand-written kernel of `shard.cpu_kernels` (it streams the
+    up to 128 rows in float32, the hand-written kernel of `shard.kernels.cpu` (it streams the
     weight at near the memory bandwidth, where MKL reaches about half); without it, up to 256
     rows, MKL's GEMM as (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long
     prefills take the plain path. `bench/cpu_linear.py` measures the three."""
@@ -153,12 +154,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (lib := cpu_kernels.for_tensor(x)) is not None:
+        if (lib := kernels.cpu_lib(x)) is not None:
             return cpu_kernels.rms_norm(x, self.weight, self.eps, lib)
+        if (tk := kernels.triton_for(x, "add_rms_norm")) is not None and x.is_contiguous():
+            return tk.add_rms_norm(x, self.weight, self.eps)[0]
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
         # Half precision: normalise in fp32, round, then scale, as the reference model rounds.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): on CUDA one Triton kernel (one read of each input) where switched on."""
+        if (tk := kernels.triton_for(x, "add_rms_norm")) is not None and x.is_contiguous() and residual.is_contiguous():
+            normed, total = tk.add_rms_norm(x, self.weight, self.eps, residual)
+            return total, normed
+        total = residual + x
+        return total, self(total)
 
     def checkpoint_slices(self, name: str) -> list[TensorSlice]:
         size = self.weight.shape[0]
@@ -193,7 +204,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def apply_rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates the first `heads` heads of x [T, any heads, D] in place; returns them, [T, heads, D]."""
-    if (lib := cpu_kernels.for_tensor(x)) is not None and x.is_contiguous():
+    if (lib := kernels.cpu_lib(x)) is not None and x.is_contiguous():
         cpu_kernels.rope_(x, heads, cos.contiguous(), sin.contiguous(), lib)
     else:
         x[:, :heads] = apply_rotary(x[:, :heads], cos, sin)

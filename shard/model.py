@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shard import cpu_kernels
+from shard import kernels
+from shard.kernels import cpu as cpu_kernels
 from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
 from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
@@ -48,9 +49,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         T, H, KV = x.shape[0], self.local_heads, self.local_kv_heads
         qkv = self.qkv_proj(x).view(T, H + 2 * KV, self.head_dim)
-        apply_rotary_(qkv, H + KV, cos, sin)              # q and k rotated together, in place
+        if cached := (tk := kernels.triton_for(qkv, "rope_kv_write")) is not None:
+            tk.rope_kv_write_(qkv, H, KV, cos, sin, meta.slot_mapping, k_cache, v_cache)  # and k, v to the cache
+        else:
+            apply_rotary_(qkv, H + KV, cos, sin)          # q and k rotated together, in place
         q, k, v = qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:]   # [T, H, D], [T, KV, D], [T, KV, D]
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, cached=cached)
         return self.ctx.all_reduce(self.o_proj(out.view(T, -1)))
 
     def checkpoint_slices(self, prefix: str) -> dict[str, list[TensorSlice]]:
@@ -72,8 +76,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if (lib := cpu_kernels.for_tensor(gate_up)) is not None:
+        if (lib := kernels.cpu_lib(gate_up)) is not None:
             act = cpu_kernels.silu_mul(gate_up, lib)
+        elif (tk := kernels.triton_for(gate_up, "silu_mul")) is not None:
+            act = tk.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = torch.nn.functional.silu(gate) * up
@@ -98,8 +104,9 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
         if (lib := self._decode_kernels(h, meta)) is not None:
             return self._forward_decode_on_cpu(lib, h, cos, sin, k_cache, v_cache, meta)
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+        h, x = self.post_attention_layernorm.add_forward(attn, h)    # h + attn, and its norm
+        return h + self.mlp(x)
 
     def _decode_kernels(self, h: torch.Tensor, meta: AttentionMetadata):
         """The CPU kernels, where this step can run each half of the layer as one call: float32 on
@@ -108,7 +115,7 @@ class DecoderLayer(nn.Module):
         if not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or not cpu_kernels.attention_fits(
                 a.local_heads, a.head_dim):
             return None
-        return cpu_kernels.for_tensor(h)
+        return kernels.cpu_lib(h)
 
     def _forward_decode_on_cpu(self, lib, h, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """The same layer as `forward`'s operators, in two kernel calls (see cpu_kernels.c): at a few

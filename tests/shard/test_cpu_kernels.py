@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shard import cpu_kernels
+from shard.kernels import cpu as cpu_kernels
 from shard.attention import AttentionMetadata, paged_attention
 from shard.layers import apply_rotary, apply_rotary_, linear
 from shard.layout import Layout
@@ -166,7 +166,7 @@ def test_auto_builds_once_into_the_cache_and_reuses_the_build(fresh_state, monke
 def test_without_a_compiler_auto_warns_and_on_refuses(fresh_state, monkeypatch, caplog):
     monkeypatch.setenv("CC", str(fresh_state / "no-such-cc"))
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
-    with caplog.at_level(logging.WARNING, logger="shard.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="shard.kernels.cpu"):
         assert cpu_kernels.library() is None
     assert "CPU kernels unavailable" in caplog.text and "no-such-cc" in caplog.text
     x, w = torch.randn(3, 8), torch.randn(5, 8)

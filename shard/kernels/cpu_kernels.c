@@ -1,4 +1,4 @@
-/* CPU kernels for the decode step, built on first use by shard/cpu_kernels.py.
+/* CPU kernels for the decode step, built on first use by shard/kernels/cpu.py.
  *
  * linear_f32: y[b, o] = sum_i x[b, i] * w[o, i] for a short batch (the rows of a decode step).
  * At a few rows a linear layer is a matrix-vector product in disguise: the weight is read once
@@ -185,7 +185,7 @@ void caravan_rope_f32(float *x, int64_t row_stride, const float *cos, const floa
 
 #define CHUNK 128
 #ifndef CARAVAN_MAX_HEADS
-#error "build with -DCARAVAN_MAX_HEADS (shard/cpu_kernels.py passes cpu_kernels.MAX_HEADS)"
+#error "build with -DCARAVAN_MAX_HEADS (shard/kernels/cpu.py passes its MAX_HEADS)"
 #endif
 #define MAX_HEADS CARAVAN_MAX_HEADS
 
