@@ -38,7 +38,7 @@ from cluster.config import ServeConfig
 from cluster.engine import EngineStats, ReplicaFailed, probe
 from cluster.placement import ENGINE_BUNDLE, ShardPlace, cluster_nodes, replica_bundles, shard_resource
 from cluster.replica import start_replica
-from cluster.routing import ROUTING_STATS_PERIOD_S, CapacityRouter
+from cluster.routing import PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, CapacityRouter, routing_stats
 from cluster.scheduler import TokenUpdate
 from shard.layout import Layout
 from shard.sampler import SamplingParams
@@ -153,8 +153,10 @@ class ReplicaServer:
         return list(await asyncio.gather(*(ping(a) for a in self.replica.actors)))
 
     def record_routing_stats(self) -> dict:
-        """What `cluster.routing.CapacityRouter` ranks replicas by; Serve polls it."""
-        return {**asdict(self.engine.stats()), "block_size": self.config.kv_cache.block_size}
+        """What `cluster.routing.CapacityRouter` ranks replicas by (load, and which prefixes this
+        replica has cached); Serve polls it."""
+        return routing_stats(asdict(self.engine.stats()), self.config.kv_cache.block_size,
+                             self.engine.sched.cached_hashes(PREFIX_SUMMARY_BLOCKS))
 
     async def __del__(self):
         self.registry.drop.remote(self.replica.name)

@@ -1,5 +1,6 @@
 """The routing policy without Ray: replicas ranked by free KV capacity, failed or silent ones last,
-and a burst spread by what was routed since the last report."""
+a burst spread by what was routed since the last report, and a replica holding the request's
+prefix first unless it is much busier (tests/cluster/test_prefix_routing.py follows conversations)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import asyncio
 
 from ray.serve.request_router import PendingRequest
 
-from cluster.routing import RoutedSinceReport, free_capacity, prompt_tokens, rank_replicas
+from cluster.routing import (PREFIX_SUMMARY_BLOCKS, PrefixSummaries, RoutedSinceReport, free_capacity, prompt_tokens,
+                             rank_replicas, routing_stats)
+from cluster.scheduler import block_hashes
 from shard.sampler import SamplingParams
 
 
@@ -59,3 +62,34 @@ def test_prompt_tokens_are_read_from_the_generate_call():
         return [prompt_tokens(PendingRequest(args, kwargs, metadata=None)) for args, kwargs in calls]
 
     assert asyncio.run(counts()) == [3, 2, 0]
+
+
+def test_a_replica_holding_the_prefix_comes_first_unless_it_is_much_busier():
+    # AFFINITY_SLACK of 100 blocks of 16 tokens: 400 tokens of free capacity.
+    even = [("a", stats(), 0), ("b", stats(), 0)]
+    assert rank_replicas(even, {"b": 64}) == ["b", "a"]
+    assert rank_replicas(even, {"a": 32, "b": 64}) == ["b", "a"]          # the longest prefix first
+    assert rank_replicas([("a", stats(), 0), ("b", stats(queued_tokens=390), 0)], {"b": 64}) == ["b", "a"]
+    assert rank_replicas([("a", stats(), 0), ("b", stats(queued_tokens=410), 0)], {"b": 64}) == ["a", "b"]
+    assert rank_replicas([("a", stats(), 0), ("b", stats(), 500)], {"b": 64}) == ["a", "b"]  # routed there since
+    assert rank_replicas([("a", stats(failed="died"), 0), ("b", stats(), 0)], {"a": 64}) == ["b", "a"]
+
+
+def test_routing_stats_carry_a_bounded_summary_that_prefix_summaries_read_back():
+    prompt = list(range(1, 50))                                          # 3 full blocks of 16
+    chain = block_hashes(prompt, 16)
+    engine = {k: v for k, v in stats().items() if k != "block_size"}
+    report = routing_stats(engine, 16, chain[:2] + [7])
+    assert report["block_size"] == 16 and report["free_blocks"] == 100 and len(report["prefix_hashes"]) == 3 * 8
+    reports = {"a": report, "b": routing_stats(engine, 16, chain[1:]), "c": routing_stats(engine, 16, [])}
+    summaries = PrefixSummaries()
+    summaries.update(reports)
+    assert summaries.cached_tokens(reports, prompt) == {"a": 32}          # b lacks the first block: no prefix
+    assert summaries.cached_tokens(reports, prompt[:20]) == {"a": 16}
+    reports["b"] = routing_stats(engine, 16, chain)
+    summaries.update(reports)
+    assert summaries.cached_tokens(reports, prompt) == {"a": 32, "b": 48}
+    summaries.update({"a": reports["a"]})                                # b and c are gone
+    assert summaries.cached_tokens(reports, prompt) == {"a": 32}
+    big = routing_stats(engine, 16, list(range(PREFIX_SUMMARY_BLOCKS + 10)))
+    assert len(big["prefix_hashes"]) == 8 * PREFIX_SUMMARY_BLOCKS
