@@ -61,7 +61,8 @@ class ShardActor:
                 "host": socket.gethostname(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def open_store(self) -> tuple[str, int]:
-        """Rank 0 only: serves the rendezvous store on a free port and says where."""
+        """Rank 0 only: serves the rendezvous store on a free port and says where (a new one each
+        call: a repaired replica's world meets on a fresh store)."""
         host = ray.util.get_node_ip_address()
         self._store = open_store(Endpoint(host, 0, self.spec.collective_timeout_s), 0, self.spec.layout.world_size)
         return host, self._store.port
@@ -79,6 +80,23 @@ class ShardActor:
             dist.barrier(group=ctx.cpu_group)
         return {"rank": s.rank, "device": str(device), "seconds": time.monotonic() - start,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.worker.model.parameters())}
+
+    def leave(self) -> None:
+        """Leaves the replica's process groups, keeping the weights and the KV cache: the first half
+        of a repair, on a rank that survived a peer's death."""
+        shutdown_parallel()
+        self._store = None
+
+    def rejoin(self, host: str, port: int) -> dict:
+        """Joins the repaired replica's new world (the second half of a repair). The model's layers
+        hold this rank's `ParallelContext`, so the new groups go into that same object."""
+        s, start = self.spec, time.monotonic()
+        endpoint = Endpoint(host, port, s.collective_timeout_s)
+        store = self._store or open_store(endpoint, s.rank, s.layout.world_size)
+        fresh = init_parallel(s.layout, s.rank, endpoint, self.worker.ctx.device, store=store)
+        self.worker.ctx.tp_group, self.worker.ctx.cpu_group = fresh.tp_group, fresh.cpu_group
+        dist.barrier(group=fresh.cpu_group)
+        return {"rank": s.rank, "seconds": time.monotonic() - start}
 
     def execute(self, step: StepInput) -> StepOutput | None:
         return self.worker.execute(step)
@@ -124,7 +142,8 @@ class RayExecutor:
         try:
             return await actor.execute.remote(step)
         except ray.exceptions.RayActorError as e:
-            raise ShardDied(f"shard {name} died ({last_line(e)})") from None
+            # Ray's message goes on for a paragraph on possible causes; its first sentence says what happened.
+            raise ShardDied(f"shard {name} died ({last_line(e).split('. ')[0]})") from None
         except ray.exceptions.RayTaskError as e:
             raise ShardDied(f"shard {name} failed a step: {last_line(e)}") from None
 

@@ -23,7 +23,7 @@ class ServeBackend:
     def __init__(self, config: ServeConfig, model_dir: str, *, handle=None):
         from cluster.serve import ReplicaClient
         self.config, self.model_dir = config, model_dir
-        self.client = ReplicaClient(config.name, handle=handle)
+        self.client = ReplicaClient(config.name, handle=handle, wait_s=config.router.wait_for_replica_s)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
         return self.client.generate(prompt_ids, params)

@@ -24,6 +24,8 @@ timeouts:
   step_s: 15.0                # one step; past it the replica is taken out of service and rebuilt
   collective_s: 60.0          # torch.distributed timeout of every collective
   health_check_period_s: 1.0  # seconds between health checks of each replica
+  repair_s: 60.0              # a replica whose shard died or hung repairs itself in place within this, or is
+                              # replaced by a new one
 shard:
   device: auto                # auto | cpu | cuda
   cpu_threads: 1              # torch threads per shard when it computes on CPU
@@ -38,6 +40,8 @@ router:                       # the gRPC front door (caravan.v1 Inference and Ad
   max_in_flight: 256          # requests admitted at once (streaming or queued); more get RESOURCE_EXHAUSTED
   max_message_bytes: 4MiB     # largest request the transport accepts; fields have their own limits inside it
   drain_grace_s: 30.0         # on SIGTERM or Admin.Drain: how long in-flight requests get to finish
+  wait_for_replica_s: 30.0    # while no replica serves (one is recovering), how long a request waits for one
+                              # (within its own deadline) before it gets UNAVAILABLE
   auth_token_file: null       # a file holding the bearer token every RPC must carry; null: only Admin RPCs
                               # need one, generated into ~/.caravan/auth_token
   tls_cert_file: null         # PEM certificate chain; with tls_key_file the router speaks TLS only
@@ -160,6 +164,7 @@ class TimeoutsSection:
     step_s: float = _rule(15.0, _SECONDS)
     collective_s: float = _rule(60.0, _SECONDS)
     health_check_period_s: float = _rule(1.0, _SECONDS)
+    repair_s: float = _rule(60.0, _SECONDS)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,8 @@ class RouterSection:
     max_in_flight: int = _rule(256, _AT_LEAST_1)
     max_message_bytes: int = _rule(4 * 2**20, (lambda v: v >= 2**10, "use at least 1KiB"), _bytes)
     drain_grace_s: float = _rule(30.0, (lambda v: math.isfinite(v) and v >= 0, "use a finite number of seconds >= 0"))
+    wait_for_replica_s: float = _rule(30.0, (lambda v: math.isfinite(v) and v >= 0,
+                                             "use a finite number of seconds >= 0 (0: refuse at once)"))
     auth_token_file: str | None = _rule(None, _NOT_EMPTY, _path)
     tls_cert_file: str | None = _rule(None, _NOT_EMPTY, _path)
     tls_key_file: str | None = _rule(None, _NOT_EMPTY, _path)

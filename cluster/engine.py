@@ -27,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 from cluster.scheduler import Batch, Scheduler, TokenUpdate
 from shard.config import ModelConfig
@@ -115,6 +115,8 @@ class Engine:
         self.steps = 0
         self.last_progress = time.monotonic()   # when a step last completed (or the engine started)
         self.failed: str | None = None
+        # Called once with the reason when a step fails (not on close): the replica starts its repair.
+        self.on_failure: Callable[[str], None] | None = None
         self._ids = itertools.count()
         self._streams: dict[int, asyncio.Queue] = {}
         self._produced: dict[int, int] = {}
@@ -225,9 +227,24 @@ class Engine:
             log.error("%s failed: %s", self.name, e)
             self._fail(str(e) or repr(e))
 
+    def fail(self, reason: str) -> None:
+        """Takes the engine out of service from outside a step (an idle replica's ping or probe
+        failed): as if a step had failed."""
+        if self._loop_task is not None and not self._loop_task.done():
+            self._loop_task.cancel()
+        self._fail(reason)
+
+    def resume(self) -> None:
+        """Back in service after the replica repaired its shards: `_fail` already ended every
+        sequence and freed every block, so the engine starts from a clean slate."""
+        assert self._loop_task is None or self._loop_task.done(), "resume() of an engine whose loop still runs"
+        self.failed = None
+        self.last_progress = time.monotonic()
+
     def _fail(self, reason: str, unavailable: bool = False) -> None:
         """Fails every request (retryable when it has no token yet) and forgets every sequence."""
-        if self.failed is None:
+        first = self.failed is None
+        if first:
             self.failed = reason
         for seq_id, queue in list(self._streams.items()):
             retryable = self._produced.get(seq_id, 0) == 0
@@ -235,6 +252,8 @@ class Engine:
             queue.put_nowait(cls(f"{self.name} failed: {reason}", retryable))
         self._streams.clear()
         self.sched.fail_all()
+        if first and not unavailable and self.on_failure is not None:
+            self.on_failure(reason)
 
 
 async def probe(engine: Engine, timeout_s: float | None = None) -> None:

@@ -7,6 +7,8 @@ is killed and the error names the rank that failed (and the node it was on).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import RayExecutor, RemoteShard, ShardSpec
+from cluster.actors import RayExecutor, RemoteShard, ShardSpec, last_line
 from cluster.config import ServeConfig
 from cluster.engine import Engine
 from cluster.placement import ShardPlace, assign_ranks, cluster_nodes, format_places
@@ -49,12 +51,144 @@ def kv_blocks(cfg: ServeConfig, model: ModelConfig) -> int:
 
 
 @dataclass
+class RepairReport:
+    """What an in-place repair did: which ranks were replaced, which kept their weights, and where
+    the time went (seconds per phase, in order)."""
+    replaced: list[int]
+    kept: list[int]
+    phases: dict[str, float]
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        return (f"ranks {self.replaced} replaced, {len(self.kept)} kept their weights; "
+                f"{sum(self.phases.values()):.1f} s ({parts})")
+
+
+@dataclass
 class RayReplica:
     name: str
     places: list[ShardPlace]
     actors: list
     engine: Engine
     num_blocks: int
+    cfg: ServeConfig
+    model_dir: str
+    pg: PlacementGroup
+    resource: str
+
+    @property
+    def names(self) -> list[str]:
+        # The names are what the Ray dashboard lists: replica, stage and TP rank at a glance.
+        return [f"{self.name}-stage{p.stage}-tp{p.tp_rank}" for p in self.places]
+
+    async def repair(self, ping_s: float) -> RepairReport:
+        """Brings a replica whose engine failed back into service without leaving its placement
+        group: ranks that answer a ping within `ping_s` keep their processes and weights and only
+        leave their process groups; the others (dead, stuck, or blocked in a collective with a
+        dead peer) are killed and started afresh in their bundles, loading their slices; then the
+        whole world meets again on a new store. The engine must have failed first (every sequence
+        gone), and is resumed by the caller. Raises `ReplicaStartError` (naming the rank) when a
+        rank cannot come back within `timeouts.repair_s`; the caller then gives the replica up."""
+        cfg, phases = self.cfg, {}
+        deadline = time.monotonic() + cfg.timeouts.repair_s
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = now - mark
+            mark = now
+
+        alive = await asyncio.gather(*(_answers(a.ping.remote(), ping_s) for a in self.actors))
+        left = await asyncio.gather(*(_answers(a.leave.remote(), ping_s) for a, ok in zip(self.actors, alive) if ok))
+        it = iter(left)
+        alive = [ok and next(it) for ok in alive]
+        replaced = [i for i, ok in enumerate(alive) if not ok]
+        for i in replaced:
+            ray.kill(self.actors[i], no_restart=True)
+        phase("ping and leave")
+        gpu = self.resource == "GPU"
+        for i in replaced:
+            self.actors[i] = await _spawn_when_free(self.cfg, self.model_dir, self.num_blocks, self.pg, self.places[i],
+                                                    self.names[i], gpu, deadline)
+        for i in replaced:
+            await _within_deadline(self.actors[i].where.remote(), deadline, self, i, "start its process")
+        phase("new processes up")
+        host, port = await _within_deadline(self.actors[0].open_store.remote(), deadline, self, 0, "open its store")
+        calls = {(a.setup if i in replaced else a.rejoin).remote(host, port): self.places[i]
+                 for i, a in enumerate(self.actors)}
+        await _await_setup(self.name, calls, deadline, "timeouts.repair_s", cfg.timeouts.repair_s)
+        phase("load and rejoin")
+        self.engine.executor.actors = self.actors
+        return RepairReport(replaced, [i for i in range(len(self.actors)) if i not in replaced], phases)
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+def _spawn(cfg: ServeConfig, model_dir: str, num_blocks: int, pg: PlacementGroup, place: ShardPlace, actor_name: str,
+           gpu: bool):
+    layout = Layout(cfg.layout.tp, cfg.layout.pp)
+    spec = ShardSpec(model_dir, layout, place.rank, cfg.model.torch_dtype, num_blocks, cfg.kv_cache.block_size,
+                     cfg.shard.device, cfg.shard.cpu_threads, cfg.timeouts.collective_s)
+    return RemoteShard.options(
+        name=actor_name, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+        max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, place.bundle, True),
+    ).remote(spec)
+
+
+async def _spawn_when_free(cfg, model_dir, num_blocks, pg, place, actor_name, gpu, deadline):
+    """A new actor under the killed one's name, once Ray has released the name (a kill is
+    asynchronous)."""
+    while True:
+        try:
+            return _spawn(cfg, model_dir, num_blocks, pg, place, actor_name, gpu)
+        except ValueError as e:  # the name is still taken
+            if time.monotonic() > deadline:
+                raise ReplicaStartError(f"rank {place.rank}: {e}") from None
+            await asyncio.sleep(0.05)
+
+
+async def _answers(ref, timeout_s: float) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+        return True
+    except (TimeoutError, asyncio.TimeoutError, ray.exceptions.RayError):
+        return False
+
+
+async def _within_deadline(ref, deadline: float, replica: RayReplica, index: int, what: str):
+    p = replica.places[index]
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), max(0.0, deadline - time.monotonic()))
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ReplicaStartError(f"{replica.name}: rank {p.rank} did not {what} within timeouts.repair_s="
+                                f"{replica.cfg.timeouts.repair_s:g} s") from None
+    except ray.exceptions.RayError as e:
+        raise ReplicaStartError(f"{replica.name}: rank {p.rank} (stage {p.stage}, tp {p.tp_rank}) on {p.ip} failed "
+                                f"to {what}: {last_line(e)}") from e
+
+
+async def _await_setup(name: str, calls: dict, deadline: float, setting: str, limit_s: float) -> None:
+    """Waits for every rank's setup (or rejoin) call; the first rank to fail is the one reported."""
+    pending = {asyncio.wrap_future(ref.future()): p for ref, p in calls.items()}
+    while pending:
+        done, _ = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            for f in pending:
+                f.cancel()
+            ranks = sorted(p.rank for p in pending.values())
+            raise ReplicaStartError(f"{name}: ranks {ranks} did not finish setup within {setting}={limit_s:g} s; "
+                                    f"raise it for large checkpoints or slow disks")
+        for f in done:
+            p = pending.pop(f)
+            try:
+                f.result()
+            except Exception as e:
+                raise ReplicaStartError(f"{name}: rank {p.rank} (stage {p.stage}, tp {p.tp_rank}) on {p.ip} failed to "
+                                        f"start: {last_line(e)}") from e
 
 
 def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: str, resource: str) -> RayReplica:
@@ -64,43 +198,36 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     num_blocks = kv_blocks(cfg, model)
     bundle_nodes = {int(b): n for b, n in placement_group_table(pg)["bundles_to_node_id"].items()}
     places = assign_ranks(layout, bundle_nodes, {n.node_id: n.ip for n in cluster_nodes()})
+    replica = RayReplica(name, places, [], None, num_blocks, cfg, model_dir, pg, resource)
     gpu = resource == "GPU"
-    # The names are what the Ray dashboard lists: replica, stage and TP rank at a glance.
-    names = [f"{name}-stage{p.stage}-tp{p.tp_rank}" for p in places]
-    actors = []
-    for p, actor_name in zip(places, names):
-        spec = ShardSpec(model_dir, layout, p.rank, cfg.model.torch_dtype, num_blocks, cfg.kv_cache.block_size,
-                         cfg.shard.device, cfg.shard.cpu_threads, cfg.timeouts.collective_s)
-        actors.append(RemoteShard.options(
-            name=actor_name, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
-            max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, p.bundle, True),
-        ).remote(spec))
+    replica.actors = [_spawn(cfg, model_dir, num_blocks, pg, p, n, gpu) for p, n in zip(places, replica.names)]
     start = time.monotonic()
     deadline = start + cfg.timeouts.setup_s
     try:
-        host, port = ray.get(actors[0].open_store.remote(), timeout=cfg.timeouts.setup_s)
-        pending = {a.setup.remote(host, port): p for a, p in zip(actors, places)}
-        while pending:  # the first rank to fail is the one reported; the others then just wait
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                ranks = sorted(p.rank for p in pending.values())
-                raise ReplicaStartError(f"{name}: ranks {ranks} did not finish setup within timeouts.setup_s="
-                                        f"{cfg.timeouts.setup_s:g} s; raise it for large checkpoints or slow disks")
-            p = pending.pop(ready[0])
-            try:
-                ray.get(ready[0])
-            except Exception as e:
-                raise ReplicaStartError(f"{name}: rank {p.rank} (stage {p.stage}, tp {p.tp_rank}) on {p.ip} failed to "
-                                        f"start: {e}") from e
+        host, port = ray.get(replica.actors[0].open_store.remote(), timeout=cfg.timeouts.setup_s)
+        calls = {a.setup.remote(host, port): p for a, p in zip(replica.actors, places)}
+        _run(_await_setup(name, calls, deadline, "timeouts.setup_s", cfg.timeouts.setup_s))
     except BaseException:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        replica.kill()
         raise
     log.info("%s: %s up in %.1f s, %d KV blocks of %d tokens per shard\n%s", name, layout,
              time.monotonic() - start, num_blocks, cfg.kv_cache.block_size, format_places(places))
     eos = checkpoint_eos_ids(model_dir)
-    engine = Engine(RayExecutor(actors, names, layout), model, eos, num_blocks=num_blocks, block_size=cfg.kv_cache.block_size,
-                    lanes=layout.pp, max_num_seqs=cfg.scheduler.max_num_seqs,
-                    max_tokens_per_step=cfg.scheduler.max_tokens_per_step, step_timeout_s=cfg.timeouts.step_s,
-                    name=name, prefix_caching=cfg.kv_cache.prefix_caching)
-    return RayReplica(name, places, actors, engine, num_blocks)
+    replica.engine = Engine(RayExecutor(replica.actors, replica.names, layout), model, eos, num_blocks=num_blocks,
+                            block_size=cfg.kv_cache.block_size, lanes=layout.pp,
+                            max_num_seqs=cfg.scheduler.max_num_seqs,
+                            max_tokens_per_step=cfg.scheduler.max_tokens_per_step,
+                            step_timeout_s=cfg.timeouts.step_s, name=name,
+                            prefix_caching=cfg.kv_cache.prefix_caching)
+    return replica
+
+
+def _run(coro):
+    """Runs a coroutine to the end from synchronous code, whether or not this thread has a loop
+    running (a Serve replica's constructor runs inside one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

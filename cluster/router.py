@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from cluster.config import ConfigError, RouterSection, ServeConfig, admin_token_file
-from cluster.engine import ReplicaFailed
+from cluster.engine import ReplicaFailed, ReplicaUnavailable
 from cluster.metrics import RouterMetrics
 from cluster.placement import PlacementError
 from cluster.scheduler import TokenUpdate
@@ -99,6 +99,7 @@ class Router:
         self.health = health.aio.HealthServicer()
         self.replicas: list[ReplicaView] = []
         self.serving = False
+        self._serving_event = asyncio.Event()  # set while serving (or draining: waiters must look again)
         self.draining = False
         self.in_flight = 0
         self.stopped = asyncio.Event()
@@ -150,6 +151,7 @@ class Router:
         if self.draining:
             return
         self.draining = True
+        self._serving_event.set()
         await self._publish_health()
         grace = self.rc.drain_grace_s if grace_s is None else grace_s
         log.info("draining: %d request(s) in flight, %.0f s grace", self.in_flight, grace)
@@ -192,7 +194,9 @@ class Router:
             error = info.stats.failed or ("" if age <= limit else f"no progress for {age:.1f} s")
             views.append(ReplicaView(info, not error, age, error))
         self.replicas = views
-        self.metrics.observe_replicas({v.info.name: (v.serving, v.info.stats) for v in views})
+        self.metrics.observe_replicas({v.info.name: (v.serving, v.info.stats.running, v.info.stats.waiting,
+                                                     v.info.stats.free_blocks, v.info.stats.num_blocks)
+                                       for v in views})
         await self._publish_health()
 
     async def _publish_health(self) -> None:
@@ -200,6 +204,10 @@ class Router:
         if serving != self.serving:
             log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
         self.serving = serving
+        if serving or self.draining:
+            self._serving_event.set()
+        else:
+            self._serving_event.clear()
         self.metrics.serving.set(int(serving))
         status = health_pb2.HealthCheckResponse
         await self.health.set("", status.SERVING if serving else status.NOT_SERVING)
@@ -220,6 +228,7 @@ class Router:
         try:
             prompt_ids = await self._prompt_ids(req)
             params = check_prompt_length(gen, len(prompt_ids), self.limits)
+            await self._wait_for_replica(context)
             self.metrics.prompt_tokens.inc(len(prompt_ids))
             text = TextStream(self.tokenizer, gen.stop)
             ids, logprobs, produced, finish = [], [], 0, None
@@ -266,16 +275,37 @@ class Router:
             self.metrics.in_flight.dec()
 
     def _admit(self) -> None:
+        """Admits a request, or refuses it at once: draining, or `router.max_in_flight` requests
+        already in (those waiting for a replica included, so waiting stays bounded)."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is draining; send the request to another router")
-        if not self.serving:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "no replica is serving (see `caravan status`); retry shortly")
         if self.in_flight >= self.rc.max_in_flight:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the router's queue is full ({self.in_flight} requests in flight, router.max_in_flight="
                           f"{self.rc.max_in_flight}); retry with backoff")
         self.in_flight += 1
         self.metrics.in_flight.inc()
+
+    async def _wait_for_replica(self, context) -> None:
+        """While no replica serves (one is repairing or being replaced), an admitted request waits
+        for one, up to `router.wait_for_replica_s` and within its own deadline."""
+        if self.serving:
+            return
+        remaining = context.time_remaining() if context is not None else None
+        wait = self.rc.wait_for_replica_s if remaining is None else min(self.rc.wait_for_replica_s, remaining)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._serving_event.wait(), wait)
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+        if self.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is draining; send the request to another router")
+        if not self.serving:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, (
+                f"no replica is serving: the cluster is recovering (see `caravan status`); waited "
+                f"{time.monotonic() - started:.1f} s (router.wait_for_replica_s={self.rc.wait_for_replica_s:g}, or the "
+                f"request's deadline); retry shortly"))
+        self.metrics.replica_waits.observe(time.monotonic() - started)
 
     def _first_token(self, ttft: float) -> None:
         self.metrics.queue_depth.dec()
@@ -331,10 +361,7 @@ class Router:
             r = out.replicas.add(
                 name=info.name, state=apb.REPLICA_STATE_SERVING if v.serving else apb.REPLICA_STATE_NOT_SERVING,
                 kv_blocks_total=s.num_blocks, kv_blocks_free=s.free_blocks, running=s.running, waiting=s.waiting,
-                steps=s.steps, preemptions=s.preemptions, last_progress_age_s=v.progress_age_s, error=v.error,
-                prefix_cache_blocks=s.prefix_cached_blocks, prefix_cache_requests=s.prefix_requests,
-                prefix_cache_hit_requests=s.prefix_hit_requests, prefix_cache_prompt_tokens=s.prefix_prompt_tokens,
-                prefix_cache_hit_tokens=s.prefix_hit_tokens, prefix_cache_evictions=s.prefix_evictions)
+                steps=s.steps, preemptions=s.preemptions, last_progress_age_s=v.progress_age_s, error=v.error)
             for place, ok in zip(info.shards, info.shard_healthy):
                 r.shards.add(rank=place.rank, stage=place.stage, tp_rank=place.tp_rank, node_id=place.node_id,
                              node_ip=place.ip, healthy=ok)
@@ -394,6 +421,8 @@ def pb_class(descriptor):
 def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, _USER_ERRORS):
         return e.code, str(e)
+    if isinstance(e, ReplicaUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, ReplicaFailed):
         return grpc.StatusCode.UNAVAILABLE, f"the replica failed: {e}"
     if isinstance(e, PlacementError):

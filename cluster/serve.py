@@ -20,6 +20,7 @@ cancels the request on its replica when the caller stops reading.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +36,7 @@ from ray.util import get_current_placement_group
 from cluster.actors import last_line
 from cluster.app import DEPLOYMENT
 from cluster.config import ServeConfig
-from cluster.engine import EngineStats, ReplicaFailed, probe
+from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable, probe
 from cluster.placement import ENGINE_BUNDLE, ShardPlace, cluster_nodes, replica_bundles, shard_resource
 from cluster.replica import start_replica
 from cluster.routing import PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, CapacityRouter, routing_stats
@@ -56,6 +57,8 @@ class ReplicaInfo:
     progress_age_s: float          # at report time: since the engine last completed a step (or a probe)
     shard_healthy: list[bool]      # one per entry of `shards`, from the last health check
     report_age_s: float = 0.0      # filled by `Registry.infos`: how long ago this was reported
+    repairs: int = 0               # in-place repairs since the replica started
+    last_repair: str | None = None # what the last one replaced and where its time went
 
 
 def registry_name(app_name: str) -> str:
@@ -93,7 +96,12 @@ class ReplicaServer:
         self.replica = start_replica(config, model_dir, get_current_placement_group(), f"{config.name}-{replica_id}",
                                      resource)
         self.engine = self.replica.engine
+        self.engine.on_failure = self._start_repair
         self.shard_healthy = [True] * len(self.replica.actors)  # start_replica waited on every shard's setup
+        self.repairs = 0
+        self.last_repair: str | None = None
+        self._repair_task: asyncio.Task | None = None
+        self._given_up: str | None = None    # set when a repair failed: Serve must replace this replica
         self.registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
         self.registry.report.remote(self._info())
 
@@ -101,29 +109,57 @@ class ReplicaServer:
         async for update in self.engine.generate(prompt_ids, params):
             yield update
 
+    def _start_repair(self, reason: str) -> None:
+        """The engine failed (a shard died, a step hung): every sequence has ended (those without a
+        token are retried elsewhere by `ReplicaClient`). Repairs the shards in place; Serve's
+        health check keeps passing meanwhile, and the engine says it is out of service."""
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.get_running_loop().create_task(self._repair(reason),
+                                                                       name=f"{self.replica.name}-repair")
+
+    async def _repair(self, reason: str) -> None:
+        name, t = self.replica.name, self.config.timeouts
+        log.warning("%s failed (%s); repairing it in place (timeouts.repair_s=%g)", name, reason, t.repair_s)
+        self.engine.failed = f"repairing in place after: {reason}"
+        self.registry.report.remote(self._info())
+        try:
+            report = await self.replica.repair(ping_s=min(t.step_s, 2.0))
+        except Exception as e:
+            self._given_up = f"{reason}; the in-place repair failed: {e}"
+            log.error("%s: %s; Serve will replace the replica", name, self._given_up)
+            self.replica.kill()
+            return
+        finally:
+            self.shard_healthy = [True] * len(self.replica.actors)
+        self.repairs += 1
+        self.last_repair = str(report)
+        self.engine.resume()
+        log.warning("%s repaired: %s", name, report)
+        self.registry.report.remote(self._info())
+
     def _info(self) -> ReplicaInfo:
         return ReplicaInfo(self.replica.name, self.replica.places, self.engine.stats(),
                            progress_age_s=time.monotonic() - self.engine.last_progress,
-                           shard_healthy=list(self.shard_healthy))
+                           shard_healthy=list(self.shard_healthy), repairs=self.repairs, last_repair=self.last_repair)
 
     async def check_health(self) -> None:
-        """Reports, then raises (so that Serve replaces this replica) if it cannot serve. While
-        sequences run, steps prove every shard (each step waits on all of them; a step past
-        `timeouts.step_s` fails the engine). An idle replica must show it: every shard answers a ping
-        and a one-token probe runs through the engine. The probe is an ordinary request: it adds one
-        step to the stats per idle check."""
-        problem = self.engine.failed
-        if problem is not None:
-            self.shard_healthy = await self._ping_shards()  # the last report then says which shard it was
-        elif self.engine.needs_probe(self.config.timeouts.health_check_period_s):
-            problem = await self._check_idle()
-        else:
-            # Busy: a long step (a big batch on a slow device) is no fault, so no probe queues behind
-            # it and the report goes out now; the router's view never goes stale while it works.
-            self.shard_healthy = [True] * len(self.replica.actors)
+        """Reports, then raises (so that Serve replaces this replica) if it cannot serve and cannot
+        repair itself. While sequences run, steps prove every shard (each step waits on all of them;
+        a step past `timeouts.step_s` fails the engine). An idle replica must show it: every shard
+        answers a ping and a one-token probe runs through the engine. The probe is an ordinary
+        request: it adds one step to the stats per idle check. A failure starts an in-place repair
+        (`_repair`), during which the check passes: Serve leaves the replica to it."""
+        if self._given_up is None and (self._repair_task is None or self._repair_task.done()):
+            if self.engine.failed is None and self.engine.needs_probe(self.config.timeouts.health_check_period_s):
+                if (problem := await self._check_idle()) is not None:
+                    self.engine.fail(problem)  # starts the repair
+            elif self.engine.failed is None:
+                # Busy: a long step (a big batch on a slow device) is no fault, so no probe queues behind
+                # it and the report goes out now; the router's view never goes stale while it works.
+                self.shard_healthy = [True] * len(self.replica.actors)
         self.registry.report.remote(self._info())
-        if problem is not None:
-            raise RuntimeError(f"{self.replica.name} failed: {problem}")
+        if self._given_up is not None:
+            raise RuntimeError(f"{self.replica.name} failed: {self._given_up}")
 
     async def _check_idle(self) -> str | None:
         """Pings and probes at once, so that the check takes one step timeout at most."""
@@ -159,6 +195,8 @@ class ReplicaServer:
                              self.engine.sched.cached_hashes(PREFIX_SUMMARY_BLOCKS))
 
     async def __del__(self):
+        if self._repair_task is not None:
+            self._repair_task.cancel()
         self.registry.drop.remote(self.replica.name)
         await self.engine.close()
 
@@ -206,35 +244,45 @@ class ReplicaClient:
     process, picks the replica."""
 
     RETRYABLE = (ReplicaFailed, RayActorError, ActorDiedError, ActorUnavailableError)
+    MAX_BACKOFF_S = 1.0
 
-    def __init__(self, app_name: str, *, handle=None, attempts: int = 6, backoff_s: float = 0.5):
+    def __init__(self, app_name: str, *, handle=None, wait_s: float = 30.0, backoff_s: float = 0.1):
         self.handle = handle if handle is not None else serve.get_deployment_handle(DEPLOYMENT, app_name)
         self.registry = ray.get_actor(registry_name(app_name), namespace=NAMESPACE)
-        self.attempts, self.backoff_s = attempts, backoff_s
+        self.wait_s, self.backoff_s = wait_s, backoff_s
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
-        """A request's tokens. One that fails before its first token (its replica died or was out
-        of service) is sent again, up to `attempts` times; after a token it fails as it is. Leaving
-        early (closing this iterator, or cancelling its task) cancels the request on its replica,
-        which aborts the sequence and frees its KV blocks."""
-        for attempt in range(1, self.attempts + 1):
-            produced = 0
-            stream = self.handle.options(stream=True).generate.remote(prompt_ids, params)
+        """A request's tokens. One whose replica fails (a shard died or hung, or the replica is out
+        of service while it repairs itself) goes to a replica again, with a growing pause, for up
+        to `wait_s` (`router.wait_for_replica_s`) in all. One that had streamed tokens resumes: the
+        prompt goes again with the tokens already streamed appended and the rest of its max_tokens,
+        so the caller sees one unbroken stream (greedy output is the same token for token; a seeded
+        sample after the failure is drawn afresh). Leaving early (closing this iterator, or
+        cancelling its task) cancels the request on its replica, which aborts the sequence and frees
+        its KV blocks."""
+        start, streamed = time.monotonic(), []
+        for attempt in itertools.count(1):
+            ids, rest = prompt_ids + streamed, replace(params, max_tokens=params.max_tokens - len(streamed))
+            stream = self.handle.options(stream=True).generate.remote(ids, rest)
             try:
                 async for update in stream:
-                    produced += 1
+                    streamed.append(update.sample.token_id)
                     yield update
                 return
             except (GeneratorExit, asyncio.CancelledError):
                 stream.cancel()  # otherwise the replica generates on, for no one, holding its blocks
                 raise
             except self.RETRYABLE as e:
-                retryable = produced == 0 and getattr(e, "retryable", True)
-                if not retryable or attempt == self.attempts:
-                    raise ReplicaFailed(f"{_cause(e)} (attempt {attempt} of {self.attempts}, after {produced} "
-                                        f"tokens)", retryable=False) from e
-                log.info("request failed before its first token (%s); retrying", _cause(e))
-                await asyncio.sleep(self.backoff_s * attempt)
+                waited = time.monotonic() - start
+                pause = min(self.backoff_s * 2 ** (attempt - 1), self.MAX_BACKOFF_S)
+                if waited + pause > self.wait_s:
+                    raise ReplicaUnavailable(
+                        f"no replica could finish the request within router.wait_for_replica_s={self.wait_s:g} "
+                        f"({attempt} attempts over {waited:.1f} s, {len(streamed)} tokens streamed); the cluster is "
+                        f"recovering, retry shortly. Last error: {_cause(e)}", retryable=False) from e
+                log.info("request failed after %d tokens (%s); %s in %.1f s", len(streamed), _cause(e),
+                         "resuming" if streamed else "retrying", pause)
+                await asyncio.sleep(pause)
 
     async def infos(self) -> list[ReplicaInfo]:
         """What each live replica last reported (within three health-check periods)."""

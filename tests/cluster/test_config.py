@@ -33,6 +33,7 @@ timeouts:
   step_s: 2.5
   collective_s: 30.0
   health_check_period_s: 0.5
+  repair_s: 20
 shard:
   device: cuda
   cpu_threads: 4
@@ -47,6 +48,7 @@ router:
   max_in_flight: 1000
   max_message_bytes: 16MiB
   drain_grace_s: 5
+  wait_for_replica_s: 12
   auth_token_file: secrets/token
   tls_cert_file: tls/cert.pem
   tls_key_file: tls/key.pem
@@ -91,12 +93,13 @@ def test_full_file_sets_every_key(tmp_path):
     assert (cfg.layout.tp, cfg.layout.pp, cfg.replicas) == (2, 4, 3)
     assert cfg.kv_cache == KVCacheSection(block_size=32, memory_per_shard=2**30, num_blocks=500, prefix_caching=False)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_tokens_per_step) == (8, 256)
-    assert dataclasses.astuple(cfg.timeouts) == (600.0, 2.5, 30.0, 0.5)
+    assert dataclasses.astuple(cfg.timeouts) == (600.0, 2.5, 30.0, 0.5, 20.0)
     assert (cfg.shard.device, cfg.shard.cpu_threads) == ("cuda", 4)
     assert cfg.local_cluster == LocalClusterSection(nodes=4, gpus_per_node=8, cpus_per_node=16)
     assert (cfg.address, cfg.name) == ("10.0.0.1:6379", "llama-70b")
     assert cfg.router.tls_key_file == str((tmp_path / "tls" / "key.pem").resolve())
-    assert (cfg.router.port, cfg.router.max_message_bytes, cfg.router.drain_grace_s) == (8443, 16 * 2**20, 5)
+    assert (cfg.router.port, cfg.router.max_message_bytes, cfg.router.drain_grace_s, cfg.router.wait_for_replica_s) == (
+        8443, 16 * 2**20, 5, 12)
     # Every key differs from its default, so none of them was silently ignored.
     defaults = ServeConfig().to_dict()
     for section, values in cfg.to_dict().items():

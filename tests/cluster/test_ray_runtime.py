@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import shutil
 import time
 from contextlib import aclosing
@@ -107,46 +108,50 @@ def test_concurrent_requests_with_preemption_match_solo_runs_and_free_every_bloc
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
-def test_a_dead_or_stuck_shard_takes_only_its_replica_out_and_it_comes_back(app, model_dir, fault):
-    client = up(config(layout={"tp": 1, "pp": 2}, replicas=2), model_dir)
+def test_a_dead_or_stuck_shard_is_repaired_in_place_and_no_request_fails(app, model_dir, fault):
+    cfg = config(layout={"tp": 1, "pp": 2}, replicas=2, timeouts={"step_s": 2, "health_check_period_s": 0.5})
+    client = up(cfg, model_dir)
     before = asyncio.run(client.infos())
     assert len(before) == 2
     victim = before[0].name
     shard = ray.get_actor(f"{victim}-stage1-tp0")
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[3 + i, 4, 5] for i in range(24)]
+    want = [asyncio.run(tokens(client, p, params)) for p in prompts[:4]]
 
     async def load():
         async def one(i):
             await asyncio.sleep(0.05 * i)
-            try:
-                return await tokens(client, [3 + i, 4, 5], params)
-            except ReplicaFailed as e:
-                return e
-        tasks = [asyncio.ensure_future(one(i)) for i in range(24)]
+            return await tokens(client, prompts[i], params)
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
         await asyncio.sleep(0.6)
+        killed = time.monotonic()
         if fault == "kill":
             ray.kill(shard)
         else:
             shard.__ray_call__.remote(lambda actor: time.sleep(60))
-        started = time.monotonic()
-        results = await asyncio.gather(*tasks)
-        return results, time.monotonic() - started
+        return await asyncio.gather(*tasks), killed
 
-    results, _ = asyncio.run(load())
-    failed = [r for r in results if isinstance(r, ReplicaFailed)]
-    assert all(victim in str(e) for e in failed), [str(e) for e in failed]  # nothing failed on the other replica
-    assert all(len(r) == 24 for r in results if not isinstance(r, ReplicaFailed))
-    assert len(failed) < len(results)
-    deadline = time.monotonic() + 45
-    while time.monotonic() < deadline:
-        infos = asyncio.run(client.infos())
-        names = {i.name for i in infos}
-        if len(infos) == 2 and victim not in names and all(i.stats.failed is None for i in infos):
+    results, killed = asyncio.run(load())
+    # No request failed: those without a token were retried, those mid-stream resumed; greedy
+    # output is the same as without the fault.
+    assert all(len(r) == 24 for r in results)
+    assert results[:4] == want
+    while time.monotonic() < killed + 15:
+        infos = {i.name: i for i in asyncio.run(client.infos())}
+        if victim in infos and infos[victim].repairs == 1 and infos[victim].stats.failed is None:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     else:
-        pytest.fail(f"replica {victim} was not replaced: {asyncio.run(client.infos())}")
-    assert asyncio.run(tokens(client, [7, 8, 9], params)) and True
+        pytest.fail(f"replica {victim} was not repaired within 15 s: {asyncio.run(client.infos())}")
+    print(f"{fault}: {victim} serving again {time.monotonic() - killed:.1f} s after the fault; "
+          f"{infos[victim].last_repair}")
+    # A dead rank's peers keep their processes and weights; a stuck rank's peers, blocked in a
+    # collective with it, may be replaced with it.
+    assert re.match(r"ranks \[1\] replaced" if fault == "kill" else r"ranks \[(0, )?1\] replaced",
+                    infos[victim].last_repair)
+    assert len(infos) == 2  # repaired in place: Serve replaced no replica
+    assert asyncio.run(tokens(client, prompts[0], params)) == want[0]
     time.sleep(1.5)
     for info in asyncio.run(client.infos()):
         assert info.stats.free_blocks == info.stats.num_blocks, info
@@ -258,3 +263,43 @@ def test_a_missing_model_folder_is_refused_with_the_fix(tmp_path):
 
 async def _gather(*coros):
     return await asyncio.gather(*coros)
+
+
+def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_that_remain(ray_cluster, app,
+                                                                                          model_dir):
+    """Last in this file: it changes the cluster (a spare node in, a serving node out)."""
+    ray_cluster.add_node(num_cpus=1, num_gpus=2, resources={"spare": 1})
+    ray_cluster.wait_for_nodes()
+    client = up(config(layout={"tp": 1, "pp": 2}, replicas=2), model_dir)
+    infos = asyncio.run(client.infos())
+    victim = infos[0]
+    node_ids = {p.node_id for p in victim.shards}
+    others = {p.node_id for i in infos[1:] for p in i.shards}
+    assert not node_ids & others, "each replica packs onto a node of its own"
+    (node,) = [n for n in ray_cluster.worker_nodes if n._node_id in node_ids]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[30 + i, 4, 5] for i in range(16)]
+    want = [asyncio.run(tokens(client, p, params)) for p in prompts[:3]]
+
+    async def load():
+        async def one(i):
+            await asyncio.sleep(0.1 * i)
+            return await tokens(client, prompts[i], params)
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(ray_cluster.remove_node, node)
+        return await asyncio.gather(*tasks)
+
+    removed = time.monotonic()
+    results = asyncio.run(load())
+    assert all(len(r) == 24 for r in results) and results[:3] == want  # nothing failed, output unchanged
+    while time.monotonic() < removed + 60:
+        infos = asyncio.run(client.infos())
+        if len(infos) == 2 and victim.name not in {i.name for i in infos} and all(i.stats.failed is None for i in infos):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no replica took {victim.name}'s place: {asyncio.run(client.infos())}")
+    print(f"a replica replaced the one on the removed node {time.monotonic() - removed:.1f} s after the removal")
+    assert all(p.node_id not in node_ids for i in infos for p in i.shards)
+    assert asyncio.run(tokens(client, prompts[0], params)) == want[0]

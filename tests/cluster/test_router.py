@@ -325,7 +325,7 @@ def test_bearer_token_guards_every_rpc_but_health(smollm2_dir, tmp_path):
 
 def test_health_follows_replica_progress(smollm2_dir, tmp_path):
     backend = StubBackend()
-    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend, wait_for_replica_s=0.3))
     try:
         c = Clients(rt.channel(), rt.router.admin_token)
         assert c.health_status() == NOT_SERVING and c.health_status("caravan.router") == SERVING
@@ -343,6 +343,42 @@ def test_health_follows_replica_progress(smollm2_dir, tmp_path):
         assert errors["a"] == "rank 1 died" and errors["b"].startswith("no progress for")
         backend.reports = [FakeInfo("b", _stats())]
         c.wait_health(SERVING, timeout_s=2)
+    finally:
+        rt.close()
+
+
+def test_while_no_replica_serves_requests_wait_for_one_within_bounds(smollm2_dir, tmp_path):
+    """A replica recovering: admitted requests wait (up to router.wait_for_replica_s and their own
+    deadline) and run once one serves; admission stays bounded by max_in_flight meanwhile; a wait
+    that runs out is UNAVAILABLE saying the cluster is recovering."""
+    backend = StubBackend()
+    backend.release.set()
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend, wait_for_replica_s=2.0, max_in_flight=2,
+                                  metrics_port=0))
+    try:
+        c = Clients(rt.channel(), rt.router.admin_token)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
+        waited = time.monotonic() - started
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "the cluster is recovering" in e.value.details()
+        assert "router.wait_for_replica_s=2" in e.value.details() and 1.9 < waited < 5, waited
+        # The caller's own deadline, when shorter, bounds the wait.
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=0.5))
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.monotonic() - started - waited < 1.5
+
+        waiting = [c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10) for _ in range(2)]
+        while rt.router.in_flight < 2:
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as e:  # two are waiting: the third is over max_in_flight
+            list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        backend.reports = [FakeInfo("a", _stats())]  # a replica serves again
+        assert [[r.token_ids[0] for r in w] for w in waiting] == [[72], [72]]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{rt.router.metrics_port}/metrics").read().decode()
+        assert "caravan_replica_wait_seconds_count 2.0" in metrics
     finally:
         rt.close()
 
