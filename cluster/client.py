@@ -299,7 +299,15 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
                         [[s.rank, s.stage, s.tp_rank, s.node_ip or "-", s.node_id[:8] or "-",
                           "yes" if s.healthy else "NO"]
                          for s in r.shards], indent="    ")
+        tokens = _share(r.prefix_cache_hit_tokens, r.prefix_cache_prompt_tokens)
+        requests = _share(r.prefix_cache_hit_requests, r.prefix_cache_requests)
+        lines.append(f"    prefix cache: {r.prefix_cache_blocks} blocks; hits: {tokens} prompt tokens, {requests} "
+                     f"requests; {r.prefix_cache_evictions} evictions")
     return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({part / whole:.0%})" if whole else "0/0"
 
 
 def _table(header: list[str], rows: list[list[object]], indent: str = "") -> list[str]:

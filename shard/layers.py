@@ -18,15 +18,21 @@ from torch import nn
 
 from shard import kernels
 from shard.kernels import cpu as cpu_kernels
+from shard.kernels import fp8 as fp8_gemm
 from shard.config import RopeScaling
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On CPU the rows of a decode step take faster paths than F.linear's addmm:
-    up to 128 rows in float32, the hand-written kernel of `shard.kernels.cpu` (it streams the
-    weight at near the memory bandwidth, where MKL reaches about half); without it, up to 256
-    rows, MKL's GEMM as (weight @ x.T).T, up to 2x faster than addmm at 16 rows. GPUs and long
-    prefills take the plain path. `bench/cpu_linear.py` measures the three."""
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           fp8: fp8_gemm.FP8Gemm | None = None) -> torch.Tensor:
+    """x @ weight.T; with `fp8`, weight is FP8 and its real value `weight * scale` (float32 [out, 1]),
+    multiplied by the FP8 GEMM `fp8` chooses for x's rows (`shard.kernels.fp8`). On CPU the rows of
+    a decode step take faster paths than F.linear's addmm: up to 128 rows in float32, the
+    hand-written kernel of `shard.kernels.cpu` (it streams the weight at near the memory bandwidth,
+    where MKL reaches about half); without it, up to 256 rows, MKL's GEMM as (weight @ x.T).T, up
+    to 2x faster than addmm at 16 rows. GPUs and long prefills take the plain path.
+    `bench/cpu_linear.py` measures the three."""
+    if fp8 is not None:
+        return fp8_gemm.linear(x, weight, scale, fp8)
     if x.device.type == "cpu":
         rows = x.shape[0]
         if rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.float32 and (lib := cpu_kernels.for_tensor(x)):
@@ -71,19 +77,20 @@ def split(total: int, tp_size: int, tp_rank: int) -> Part:
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T, W split by output rows. Several checkpoint tensors may be fused into one
-    weight (q|k|v, gate|up): one GEMM instead of three."""
+    weight (q|k|v, gate|up): one GEMM instead of three. With `fp8`, the weight is kept FP8 with
+    its float32 row scales in `weight_scale` (see `fp8_weights`)."""
 
     def __init__(self, in_features: int, parts: Sequence[Part], *, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, fp8: fp8_gemm.FP8Gemm | None = None):
         super().__init__()
         self.in_features = in_features
         self.parts = tuple(parts)
         self.out_sizes = [p.length for p in parts]
-        self.weight = nn.Parameter(torch.empty(sum(self.out_sizes), in_features, dtype=dtype, device=device),
-                                   requires_grad=False)
+        self.fp8 = fp8
+        self.weight, self.weight_scale = fp8_weights(sum(self.out_sizes), in_features, dtype, device, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.weight_scale, self.fp8)
 
     def checkpoint_slices(self, names: Sequence[str]) -> list[TensorSlice]:
         assert len(names) == len(self.parts)
@@ -96,21 +103,33 @@ class ColumnParallelLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """y = x W^T, W split by input columns; each rank's output is a partial sum that the caller
-    all-reduces."""
+    all-reduces. With `fp8`, FP8 weights as `ColumnParallelLinear`'s; every rank holds every row's
+    scale, since each output row of its partial sum is scaled before the all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, tp_size: int, tp_rank: int, *,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+                 dtype: torch.dtype, device: torch.device | str | None = None, fp8: fp8_gemm.FP8Gemm | None = None):
         super().__init__()
         self.part = split(in_features, tp_size, tp_rank)
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, self.part.length, dtype=dtype, device=device),
-                                   requires_grad=False)
+        self.fp8 = fp8
+        self.weight, self.weight_scale = fp8_weights(out_features, self.part.length, dtype, device, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.weight_scale, self.fp8)
 
     def checkpoint_slices(self, name: str) -> list[TensorSlice]:
         return [TensorSlice(name, (self.out_features, self.part.rows), 1, self.part.start, self.part.length)]
+
+
+def fp8_weights(rows: int, cols: int, dtype: torch.dtype, device: torch.device | str | None,
+                fp8: fp8_gemm.FP8Gemm | None) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """A linear's weight [rows, cols]: in `dtype`, or with `fp8` FP8 with its float32 scales [rows, 1]."""
+    def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
+        return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
+
+    if fp8 is None:
+        return param((rows, cols), dtype), None
+    return param((rows, cols), fp8_gemm.FP8), param((rows, 1), torch.float32)
 
 
 class VocabParallel(nn.Module):

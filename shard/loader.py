@@ -8,8 +8,9 @@ tensors and reads only its rows or columns (safetensors slicing), so TP 8 x PP 2
 1/16 of the bytes per rank and a checkpoint never depends on the TP degree.
 
 Meta's FP8 checkpoints (`quantization_config.quant_method: fbgemm_fp8`, see `shard.quant`) load
-the same way: a rank reads its slice of each FP8 weight with the matching rows of its scale and
-dequantises it into the model's dtype.
+the same way: a rank reads its slice of each FP8 weight with the matching rows of its scale. A
+linear the model built FP8 (on CUDA, `shard.quant.resident_linears`) takes both as they are, the
+scale rows into its `weight_scale`; every other FP8 weight is dequantised into the model's dtype.
 """
 
 from __future__ import annotations
@@ -151,12 +152,20 @@ def load_weights(model: LlamaStage, checkpoint: Checkpoint, *, progress: bool = 
     dtypes = checkpoint.validate(model.cfg)
     params = dict(model.named_parameters())
     slices = model.checkpoint_slices()
+    # A linear built FP8 has a `weight_scale` beside its weight: the scale rows of its weight's slices.
+    slices |= {f"{n}_scale": [quant.scale_slice(s) for s in slices[n]] for n, p in params.items()
+               if p.dtype == torch.float8_e4m3fn and n in slices}
     if set(slices) != set(params):
         raise AssertionError(f"parameters without a checkpoint source: {sorted(set(params) ^ set(slices))}")
     fp8 = quant.fp8_weight_names(model.cfg)
-    scale_of = {s: quant.scale_slice(s) for group in slices.values() for s in group if s.name in fp8}
-    # Two passes: the scales (a few KB each, possibly in another file than their weight), then
-    # the weights file by file, each FP8 slice dequantised with its rows of the scale.
+    kept = {n for n, p in params.items() if p.dtype == torch.float8_e4m3fn}
+    for n in kept:
+        if not all(s.name in fp8 for s in slices[n]):
+            raise AssertionError(f"{n} is built FP8 but {[s.name for s in slices[n] if s.name not in fp8]} are not")
+    scale_of = {s: quant.scale_slice(s) for n, group in slices.items() if n not in kept for s in group if s.name in fp8}
+    # Two passes: the scales of the weights to dequantise (a few KB each, possibly in another file
+    # than their weight), then the parameters file by file, each such slice dequantised with its
+    # rows of the scale; FP8 weights kept FP8 and their scales are parameters like any other.
     passes: tuple[dict[str, list[tuple[str | None, TensorSlice]]], ...] = (defaultdict(list), defaultdict(list))
     for sc in sorted(set(scale_of.values()), key=lambda t: (t.name, t.start)):
         passes[0][checkpoint.weight_map[sc.name]].append((None, sc))

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shard import kernels
+from shard import kernels, quant
 from shard.kernels import cpu as cpu_kernels
 from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
+from shard.kernels.fp8 import FP8Gemm
 from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
                           VocabParallel, apply_rotary_, split)
 from shard.layout import check_layout, model_stage_layers
@@ -33,7 +34,7 @@ def kv_part(cfg: ModelConfig, tp: int, tp_rank: int) -> Part:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device, fp8: dict[str, FP8Gemm]):
         super().__init__()
         tp, r = ctx.tp_size, ctx.tp_rank
         self.ctx = ctx
@@ -43,8 +44,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         kv = kv_part(cfg, tp, r)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [split(cfg.q_size, tp, r), kv, kv],
-                                             dtype=dtype, device=device)
-        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
+                                             dtype=dtype, device=device, fp8=fp8.get("self_attn.qkv_proj"))
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, tp, r, dtype=dtype, device=device,
+                                        fp8=fp8.get("self_attn.o_proj"))
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         T, H, KV = x.shape[0], self.local_heads, self.local_kv_heads
@@ -66,13 +68,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device, fp8: dict[str, FP8Gemm]):
         super().__init__()
         tp, r = ctx.tp_size, ctx.tp_rank
         self.ctx = ctx
         part = split(cfg.intermediate_size, tp, r)
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [part, part], dtype=dtype, device=device)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [part, part], dtype=dtype, device=device,
+                                                 fp8=fp8.get("mlp.gate_up_proj"))
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, r, dtype=dtype, device=device,
+                                           fp8=fp8.get("mlp.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -94,12 +98,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device,
+                 fp8: dict[str, FP8Gemm]):
         super().__init__()
+        self.fp8 = bool(fp8)  # linears kept FP8 (`shard.quant.resident_linears`), by module in the layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.self_attn = Attention(cfg, ctx, dtype, device)
+        self.self_attn = Attention(cfg, ctx, dtype, device, fp8)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.mlp = MLP(cfg, ctx, dtype, device)
+        self.mlp = MLP(cfg, ctx, dtype, device, fp8)
 
     def forward(self, h, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
         if (lib := self._decode_kernels(h, meta)) is not None:
@@ -112,7 +118,7 @@ class DecoderLayer(nn.Module):
         """The CPU kernels, where this step can run each half of the layer as one call: float32 on
         CPU, a decode-only step of at most `cpu_kernels.MAX_ROWS` sequences, shapes the kernels take."""
         a = self.self_attn
-        if not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or not cpu_kernels.attention_fits(
+        if self.fp8 or not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or not cpu_kernels.attention_fits(
                 a.local_heads, a.head_dim):
             return None
         return kernels.cpu_lib(h)
@@ -145,10 +151,12 @@ class DecoderLayer(nn.Module):
 class LlamaStage(nn.Module):
     """One pipeline stage of a TP-sharded Llama. `forward` takes the packed tokens of one step:
     token ids on the first stage, hidden states elsewhere; it returns hidden states, or on the
-    last stage the full-vocabulary logits of the rows in `logit_rows`."""
+    last stage the full-vocabulary logits of the rows in `logit_rows`. `fp8_resident`: whether the
+    linears of an FP8 checkpoint that can stay FP8 do (`shard.quant.resident_linears`); by default
+    on CUDA only (`shard.quant.keeps_fp8`), elsewhere the loader dequantises them."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, *, fp8_resident: bool | None = None):
         super().__init__()
         check_layout(cfg, ctx.layout)
         self.cfg, self.ctx, self.dtype = cfg, ctx, dtype
@@ -156,7 +164,9 @@ class LlamaStage(nn.Module):
         tp, r = ctx.tp_size, ctx.tp_rank
         self.embed_tokens = (VocabParallel(cfg.vocab_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
                              if ctx.is_first_stage else None)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, dtype, device) for _ in self.layer_range)
+        fp8 = quant.keeps_fp8(device) if fp8_resident is None else fp8_resident
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, dtype, device, quant.resident_linears(cfg, i) if fp8 else {})
+                                    for i in self.layer_range)
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)

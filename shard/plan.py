@@ -13,7 +13,7 @@ from shard.layout import Layout, check_layout
 from shard.loader import Checkpoint
 from shard.model import LlamaStage, kv_heads_per_rank
 from shard.parallel import ParallelContext
-from shard.quant import fp8_weight_names, meta_fp8_recipe, slice_bytes
+from shard.quant import meta_fp8_recipe, resident_weight_names, slice_bytes
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class RankPlan:
     weight_bytes: int
     kv_bytes_per_token: int        # this rank's share of one token's K and V, its layers only
     files: tuple[str, ...]         # checkpoint files this rank opens
-    fp8_params: int = 0            # of `params`, those kept FP8 (`shard.quant.fp8_weight_names`)
+    fp8_params: int = 0            # of `params`, those kept FP8 (`shard.quant.resident_weight_names`)
 
 
 def as_fp8(cfg: ModelConfig) -> ModelConfig:
@@ -40,11 +40,12 @@ def as_fp8(cfg: ModelConfig) -> ModelConfig:
 
 def plan_replica(cfg: ModelConfig, layout: Layout, checkpoint: Checkpoint | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> list[RankPlan]:
-    """Every rank of one replica. The tensors `cfg.quantization` makes FP8 (`shard.quant`) count as kept
-    FP8 on the device, 1 byte an element plus their float32 row scales; the rest, and the KV cache, `dtype`."""
+    """Every rank of one replica. The FP8 tensors of `cfg.quantization` that a GPU keeps FP8
+    (`shard.quant.resident_weight_names`) count 1 byte an element plus their float32 row scales; the
+    rest, and the KV cache, `dtype`."""
     check_layout(cfg, layout)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    fp8 = fp8_weight_names(cfg)
+    fp8 = resident_weight_names(cfg)
     plans, seen = [], set()
     for rank in range(layout.world_size):
         model = LlamaStage(cfg, ParallelContext(layout, rank), dtype, device="meta")

@@ -3,12 +3,14 @@
 A converted linear stores `weight` as float8_e4m3fn [out, in] and `weight_scale` as float32
 [out, 1], one scale per output row: the real weight is `weight.float() * weight_scale`. The
 modules listed in `modules_to_not_convert` keep their BF16 weight and have no scale. The loader
-(what it reads and checks), and the planner (how many bytes a rank holds) both ask this module,
-so they cannot disagree on what is FP8.
+(what it reads and checks, what it keeps FP8), the model (which linears it builds FP8) and the
+planner (how many bytes a rank holds) all ask this module, so they cannot disagree on what is FP8.
 
-Today every FP8 weight is dequantised on load (see `dequantize`), so the model computes exactly
-as a BF16 model whose weights are the dequantised ones; the Hopper scaled-FP8 GEMM that would
-keep them FP8 on the GPU is not wired yet.
+On CUDA, a decoder layer's linear whose checkpoint parts are all FP8 keeps its FP8 weight and row
+scales (`resident_linears`) and multiplies with the FP8 GEMMs of `shard.kernels.fp8`. Everything
+else FP8 (a fused weight with a BF16 part, an FP8 LM head) and every FP8 weight off CUDA is
+dequantised on load (`dequantize`), so it computes exactly as a BF16 model whose weights are the
+dequantised ones.
 """
 
 from __future__ import annotations
@@ -18,16 +20,21 @@ import re
 import torch
 
 from shard.config import ModelConfig, QuantizationConfig
+from shard.kernels.fp8 import FP8Gemm
 from shard.layers import TensorSlice
 
 FP8_DTYPE = "F8_E4M3"        # safetensors' name for torch.float8_e4m3fn
 SCALE_DTYPE = "F32"
 SCALE_SUFFIX = "weight_scale"
 
-# The linears the fbgemm_fp8 format can convert, per decoder layer. Embeddings and norms are not
-# linears and are never converted.
-LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The linears of a decoder layer as the model fuses them (`shard.model`): its module -> the checkpoint
+# modules whose rows it stacks. Embeddings and norms are not linears and are never converted.
+FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "self_attn.o_proj": ("self_attn.o_proj",),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+                 "mlp.down_proj": ("mlp.down_proj",)}
+# The linears the fbgemm_fp8 format can convert, per decoder layer.
+LAYER_LINEARS = tuple(m for parts in FUSED_LINEARS.values() for m in parts)
 # transformers' default when `modules_to_not_convert` is absent: the output embedding stays BF16.
 DEFAULT_NOT_CONVERTED = ("lm_head",)
 
@@ -73,6 +80,31 @@ def fp8_weight_names(cfg: ModelConfig) -> frozenset[str]:
     return frozenset(f"{m}.weight" for m in modules if is_converted(m, cfg.quantization))
 
 
+def resident_linears(cfg: ModelConfig, layer: int) -> dict[str, FP8Gemm]:
+    """The fused linears of decoder layer `layer` that keep FP8 weights on a GPU, by their module in
+    the layer ("mlp.gate_up_proj"), with how they multiply: those whose every checkpoint part is FP8.
+    One tensor holds one dtype, so a fused weight with a BF16 part is dequantised whole; the LM head
+    (a vocab-parallel table, FP8 only when `modules_to_not_convert` omits it) is dequantised too."""
+    q = cfg.quantization
+    if q is None:
+        return {}
+    gemm = FP8Gemm(q.activation_scale_ub)
+    return {fused: gemm for fused, parts in FUSED_LINEARS.items()
+            if all(is_converted(f"model.layers.{layer}.{p}", q) for p in parts)}
+
+
+def keeps_fp8(device: torch.device | str | None) -> bool:
+    """Whether a model built on `device` keeps its `resident_linears` FP8: on CUDA, where the FP8 GEMMs
+    run; elsewhere (CPU, and the meta device) FP8 weights are dequantised on load."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def resident_weight_names(cfg: ModelConfig) -> frozenset[str]:
+    """Checkpoint weights that stay FP8 on a GPU (`resident_linears`); a subset of `fp8_weight_names`."""
+    return frozenset(f"model.layers.{i}.{part}.weight" for i in range(cfg.num_layers)
+                     for fused in resident_linears(cfg, i) for part in FUSED_LINEARS[fused])
+
+
 def scale_name(weight_name: str) -> str:
     """"x.weight" -> "x.weight_scale"."""
     assert weight_name.endswith(".weight"), weight_name
@@ -101,10 +133,10 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def slice_bytes(s: TensorSlice, fp8: frozenset[str], dtype: torch.dtype, *, fp8_resident: bool = True) -> int:
-    """Device bytes of one rank's slice `s` of a checkpoint tensor. An FP8 weight (`s.name` in
-    `fp8`, from `fp8_weight_names`) kept FP8 on the device counts 1 byte per element plus its
-    float32 scale rows (`scale_slice`: all rows for a row-parallel split); with
-    `fp8_resident=False` (dequantised on load, what the loader does today) it counts as `dtype`."""
+    """Device bytes of one rank's slice `s` of a checkpoint tensor. A weight kept FP8 on the device
+    (`s.name` in `fp8`, from `resident_weight_names`) counts 1 byte per element plus its float32
+    scale rows (`scale_slice`: all rows for a row-parallel split); with `fp8_resident=False`
+    (dequantised on load, as off CUDA) it counts as `dtype`."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     if s.name not in fp8 or not fp8_resident:
         return s.numel * itemsize

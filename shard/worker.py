@@ -4,6 +4,10 @@ launcher, a Ray actor call) and whatever decides which sequences run (the engine
 
 Within a step, hidden states flow stage to stage over torch.distributed send/recv; only the last
 stage returns something: the sampled token of each sequence that asked for one.
+
+With `cuda_graphs` on a GPU, decode steps replay graphs captured at start (`shard.graphs`); the
+KV cache then holds one more block than `num_blocks`, for the graphs' padding rows, and
+`graph_memory_bytes` says what the graphs hold. Everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from pathlib import Path
 import torch
 
 from shard.attention import AttentionMetadata
+from shard import kernels
 from shard.config import ModelConfig
+from shard.graphs import CudaGraphBackend, DecodeGraphRunner, GraphBackend
 from shard.loader import Checkpoint, LoadReport, load_weights
 from shard.model import LlamaStage
 from shard.parallel import ParallelContext
@@ -46,19 +52,50 @@ class StepOutput:
     logits: torch.Tensor | None = None                       # [sampled seqs, vocab], in seqs order
 
 
+GRAPH_MAX_CONTEXT = 8192   # longer contexts decode eagerly: the graphs' block tables (and splits) stay this wide
+
+
 class ShardWorker:
     def __init__(self, model_dir: str | Path, ctx: ParallelContext, *, dtype: torch.dtype = torch.float32,
-                 num_blocks: int, block_size: int = 16, progress: bool = True):
+                 num_blocks: int, block_size: int = 16, progress: bool = True, cuda_graphs: bool = False,
+                 graph_max_batch: int = 256, graph_backend: GraphBackend | None = None):
+        """`cuda_graphs`: capture decode steps of up to `graph_max_batch` sequences on a CUDA device
+        (ignored elsewhere: there are no graphs to capture). `graph_backend` replaces the CUDA
+        capture (tests use one that replays eagerly on a CPU)."""
         self.ctx = ctx
         self.cfg = ModelConfig.from_pretrained(model_dir)
         self.model = LlamaStage(self.cfg, ctx, dtype, ctx.device)
         self.load_report: LoadReport = load_weights(self.model, Checkpoint.open(model_dir), progress=progress)
-        self.cache = self.model.new_kv_cache(num_blocks, block_size)
+        use_graphs = graph_backend is not None or (cuda_graphs and torch.device(ctx.device).type == "cuda")
+        self.cache = self.model.new_kv_cache(num_blocks + use_graphs, block_size)
+        self.graphs: DecodeGraphRunner | None = None
+        self.graph_memory_bytes = 0
+        if use_graphs:
+            if graph_backend is None:
+                probe = torch.empty(0, dtype=dtype, device=ctx.device)
+                if kernels.triton_for(probe, "decode_attention") is None:
+                    raise RuntimeError("shard.cuda_graphs needs the Triton paged decode attention: install triton "
+                                       f"({kernels.why_triton_unavailable() or 'it is switched off'}), or set "
+                                       "shard.cuda_graphs: false")
+                graph_backend = CudaGraphBackend(torch.device(ctx.device))
+            self.graphs = DecodeGraphRunner(
+                self.model, self.cache, graph_backend, max_batch=graph_max_batch, pad_block=num_blocks,
+                max_context=min(GRAPH_MAX_CONTEXT, self.cfg.max_position_embeddings, num_blocks * block_size))
+            self.graph_memory_bytes = graph_backend.memory_bytes()
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
         seqs, device = step.seqs, self.ctx.device
         query_lens = [len(s.token_ids) for s in seqs]
+        contexts = [s.context_len for s in seqs]
+        wanted = [i for i, s in enumerate(seqs) if s.params is not None]
+        if self.graphs is not None and self.graphs.takes(query_lens, contexts):
+            if self.ctx.is_first_stage:
+                x = torch.tensor([s.token_ids[0] for s in seqs])
+            else:
+                x = self.ctx.recv_prev((len(seqs), self.cfg.hidden_size), self.model.dtype)
+            out = self.graphs.run(x, contexts, [s.block_table for s in seqs])
+            return self._finish(step, out if not self.ctx.is_last_stage else out[wanted], wanted)
         meta = AttentionMetadata.build(query_lens, [s.context_len for s in seqs], [s.block_table for s in seqs],
                                        self.cache.block_size, device)
         positions = torch.tensor([p for s in seqs for p in range(s.context_len, s.context_len + len(s.token_ids))],
@@ -67,9 +104,12 @@ class ShardWorker:
             x = torch.tensor([t for s in seqs for t in s.token_ids], device=device)
         else:
             x = self.ctx.recv_prev((len(positions), self.cfg.hidden_size), self.model.dtype)
-        wanted = [i for i, s in enumerate(seqs) if s.params is not None]
         rows = torch.tensor([meta.starts[i] + query_lens[i] - 1 for i in wanted], dtype=torch.int64, device=device)
-        out = self.model(x, positions, meta, self.cache, logit_rows=rows)
+        return self._finish(step, self.model(x, positions, meta, self.cache, logit_rows=rows), wanted)
+
+    def _finish(self, step: StepInput, out: torch.Tensor, wanted: list[int]) -> StepOutput | None:
+        """Hands hidden states to the next stage, or samples the logits of the `wanted` sequences."""
+        seqs = step.seqs
         if not self.ctx.is_last_stage:
             self.ctx.send_next(out)
             return None

@@ -351,3 +351,38 @@ def test_engine_with_cache_gives_the_tokens_of_the_cache_off_and_of_transformers
     assert off_stats.prefix_hit_tokens == 0
     for stats in (on_stats, off_stats):
         assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0
+
+
+# ---- what operators see ----
+
+def test_prometheus_and_status_show_each_replicas_prefix_cache():
+    from caravan.v1 import admin_pb2
+    from cluster.client import format_status
+    from cluster.engine import EngineStats
+    from cluster.metrics import RouterMetrics
+
+    def stats(hit_tokens, prompt_tokens, evictions):
+        return EngineStats(num_blocks=64, free_blocks=60, running=1, waiting=0, steps=9, preemptions=0, failed=None,
+                           queued_tokens=0, prefix_cached_blocks=12, prefix_requests=4, prefix_hit_requests=3,
+                           prefix_prompt_tokens=prompt_tokens, prefix_hit_tokens=hit_tokens, prefix_evictions=evictions)
+
+    m = RouterMetrics()
+    value = m.registry.get_sample_value
+    m.observe_replicas({"r0": (True, stats(30, 100, 2))})
+    m.observe_replicas({"r0": (True, stats(90, 200, 5))})               # counters grow by what each report adds
+    assert value("caravan_prefix_cache_hit_tokens_total", {"replica": "r0"}) == 90
+    assert value("caravan_prefix_cache_prompt_tokens_total", {"replica": "r0"}) == 200
+    assert value("caravan_prefix_cache_evictions_total", {"replica": "r0"}) == 5
+    assert value("caravan_prefix_cache_token_hit_ratio", {"replica": "r0"}) == 0.45
+    assert value("caravan_prefix_cache_request_hit_ratio", {"replica": "r0"}) == 0.75
+    assert value("caravan_prefix_cache_blocks", {"replica": "r0"}) == 12
+    m.observe_replicas({"r0": (True, stats(10, 20, 0))})                # restarted: counts again from its totals
+    assert value("caravan_prefix_cache_hit_tokens_total", {"replica": "r0"}) == 100
+    m.observe_replicas({})                                               # gone: its series too
+    assert value("caravan_prefix_cache_hit_tokens_total", {"replica": "r0"}) is None
+
+    resp = admin_pb2.StatusResponse(replicas=[admin_pb2.ReplicaStatus(
+        name="r0", prefix_cache_blocks=12, prefix_cache_requests=4, prefix_cache_hit_requests=3,
+        prefix_cache_prompt_tokens=200, prefix_cache_hit_tokens=90, prefix_cache_evictions=5)])
+    assert format_status(resp).splitlines()[-1] == (
+        "    prefix cache: 12 blocks; hits: 90/200 (45%) prompt tokens, 3/4 (75%) requests; 5 evictions")

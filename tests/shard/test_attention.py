@@ -4,12 +4,15 @@ decodes, with blocks scattered anywhere in the pool, and still match the unshard
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from shard.attention import AttentionMetadata
+from shard import attention
+from shard.attention import AttentionMetadata, prefill_attention
 from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.sampler import SamplingParams
@@ -82,3 +85,24 @@ def test_metadata_slots_follow_block_tables():
     assert meta.decode_token_index.tolist() == [3]
     # seq 1 sees 6 keys: positions 0..5 across its two blocks, padded to 8 and masked.
     assert meta.decode_mask.flatten().tolist() == [True] * 6 + [False] * 2
+
+
+@pytest.mark.parametrize("ctx", [0, 7])
+def test_prefill_attention_is_one_4d_call_without_repeated_kv_heads(monkeypatch, ctx):
+    # 3-D calls take PyTorch's math fallback on CUDA, and repeated K/V heads cost their copy: neither here.
+    g = torch.Generator().manual_seed(ctx)
+    q, k, v = torch.randn(5, 8, 16, generator=g), torch.randn(ctx + 5, 2, 16, generator=g), torch.randn(ctx + 5, 2, 16,
+                                                                                                          generator=g)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q4, k4, v4, **kw):
+        calls.append((q4.dim(), q4.shape[1], k4.shape[1], kw["enable_gqa"]))
+        return sdpa(q4, k4, v4, **kw)
+    # Only shard.attention's view of it: CausalBias recognises the real function by identity.
+    monkeypatch.setattr(attention, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    got = prefill_attention(q, k, v, ctx, 0.25)
+    assert calls == [(4, 8, 2, True)]
+    mask = torch.ones(5, ctx + 5, dtype=torch.bool).tril(ctx)        # query i sees keys up to ctx + i
+    expected = sdpa(q.transpose(0, 1), k.repeat_interleave(4, 1).transpose(0, 1), v.repeat_interleave(4, 1).transpose(0, 1),
+                    attn_mask=mask, scale=0.25).transpose(0, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

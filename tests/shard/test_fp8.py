@@ -22,10 +22,14 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 import shard.loader
 from shard import quant
 from shard.config import ConfigError, ModelConfig, QuantizationConfig
+from shard.attention import AttentionMetadata
+from shard.kernels.fp8 import FP8Gemm
+from shard.layers import ColumnParallelLinear, RowParallelLinear
 from shard.layout import Layout
 from shard.loader import Checkpoint, CheckpointError, load_weights
 from shard.model import LlamaStage
 from shard.parallel import ParallelContext
+from shard.plan import plan_replica
 from tests.cluster.test_equivalence import assert_equivalent, reference, run_layout
 from tests.conftest import SHARED
 from tests.shard.test_loader import SafeOpenSpy
@@ -79,8 +83,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_fp8_pair(src, root, NOT_CONVERTED)
 
 
-def load_rank(path: Path, layout: Layout, rank: int, dtype: torch.dtype = torch.float32):
-    model = LlamaStage(ModelConfig.from_pretrained(path), ParallelContext(layout, rank=rank), dtype)
+def load_rank(path: Path, layout: Layout, rank: int, dtype: torch.dtype = torch.float32, *,
+              fp8_resident: bool | None = None):
+    model = LlamaStage(ModelConfig.from_pretrained(path), ParallelContext(layout, rank=rank), dtype,
+                       fp8_resident=fp8_resident)
     return model, load_weights(model, Checkpoint.open(path), progress=False)
 
 
@@ -165,6 +171,40 @@ def test_slice_bytes_for_the_planner() -> None:
     assert quant.slice_bytes(down0, fp8, torch.bfloat16) == down0.numel * 2
 
 
+def test_resident_linears() -> None:
+    # Meta's recipe: the MLPs of layers 1..124 stay FP8 on a GPU, fused gate|up and down alike.
+    cfg = llama_405b_fp8()
+    assert quant.resident_linears(cfg, 0) == {} == quant.resident_linears(cfg, 125)
+    assert quant.resident_linears(cfg, 7) == {"mlp.gate_up_proj": FP8Gemm(1200.0), "mlp.down_proj": FP8Gemm(1200.0)}
+    assert quant.resident_weight_names(cfg) == quant.fp8_weight_names(cfg)
+    assert quant.resident_linears(ModelConfig.from_pretrained(LLAMA_405B), 7) == {}     # no quantization_config
+
+
+def test_mixed_fused_weight_and_lm_head_are_dequantised(pair) -> None:
+    # Layer 2's q|k|v fuses FP8 q and v with a BF16 k: one tensor holds one dtype, so it is dequantised;
+    # so is the FP8 LM head. The planner counts what the loader keeps (resident_weight_names).
+    cfg = ModelConfig.from_pretrained(pair[0])
+    assert set(quant.resident_linears(cfg, 2)) == {"self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
+    assert set(quant.resident_linears(cfg, 1)) == set(quant.FUSED_LINEARS)
+    dequantised = quant.fp8_weight_names(cfg) - quant.resident_weight_names(cfg)
+    assert dequantised == {"lm_head.weight", "model.layers.2.self_attn.q_proj.weight",
+                           "model.layers.2.self_attn.v_proj.weight"}
+
+
+def test_fp8_stays_fp8_on_cuda_only() -> None:
+    assert quant.keeps_fp8("cuda") and quant.keeps_fp8(torch.device("cuda", 3))
+    assert not quant.keeps_fp8("cpu") and not quant.keeps_fp8("meta") and not quant.keeps_fp8(None)
+    cfg = llama_405b_fp8()
+    stage = LlamaStage(cfg, ParallelContext(Layout(8, 1), rank=0), torch.bfloat16, device="meta")
+    assert stage.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16 and stage.layers[1].mlp.down_proj.fp8 is None
+    stage = LlamaStage(cfg, ParallelContext(Layout(8, 1), rank=0), torch.bfloat16, device="meta", fp8_resident=True)
+    mlp, attn = stage.layers[1].mlp, stage.layers[1].self_attn
+    assert mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn and mlp.gate_up_proj.weight_scale.shape == (2 * 6656, 1)
+    assert mlp.down_proj.weight.shape == (16384, 6656) and mlp.down_proj.weight_scale.shape == (16384, 1)
+    assert attn.qkv_proj.weight.dtype == torch.bfloat16 and attn.qkv_proj.weight_scale is None
+    assert stage.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
 # --- loading ----------------------------------------------------------------------------------------
 
 
@@ -204,6 +244,71 @@ def test_bfloat16_model(pair) -> None:
     got, _ = load_rank(fp8_dir, Layout(2, 1), 1, torch.bfloat16)
     want, _ = load_rank(twin_dir, Layout(2, 1), 1, torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+
+
+@pytest.mark.parametrize("layout", [Layout(), Layout(2, 2)])
+def test_kept_fp8_as_in_the_checkpoint(pair, layout: Layout) -> None:
+    # As on a GPU: the resident linears hold the checkpoint's FP8 rows and their scale rows (all of
+    # them for o and down, split by input columns), the rest is dequantised; weight * scale is the twin's.
+    fp8_dir, twin_dir = pair
+    for rank in range(layout.world_size):
+        got, report = load_rank(fp8_dir, layout, rank, fp8_resident=True)
+        want, _ = load_rank(twin_dir, layout, rank)
+        _, dequantised = load_rank(fp8_dir, layout, rank)
+        assert report.bytes_read == dequantised.bytes_read       # the same rows read, kept or not
+        sg, sw = got.state_dict(), want.state_dict()
+        scales = {k for k in sg if k.endswith("weight_scale")}
+        assert sg.keys() - scales == sw.keys()
+        kept = {k.removesuffix("_scale") for k in scales}
+        assert kept and all(sg[k].dtype == torch.float8_e4m3fn for k in kept)
+        for k in sw:
+            real = sg[k].float() * sg[f"{k}_scale"] if k in kept else sg[k]
+            assert torch.equal(real, sw[k]), (rank, k)
+
+
+@pytest.mark.parametrize("layout", [Layout(), Layout(2, 2), Layout(4, 1)])
+def test_plan_counts_what_the_loader_keeps(pair, layout: Layout) -> None:
+    # `caravan plan --dtype fp8` and the loader agree: every rank's bytes on the device, FP8 weights,
+    # their scales, dequantised FP8 (layer 2's q|k|v, the LM head) and vocabulary padding included.
+    fp8_dir, _ = pair
+    plans = plan_replica(ModelConfig.from_pretrained(fp8_dir), layout, None, torch.bfloat16)
+    for rank, plan in enumerate(plans):
+        model, _ = load_rank(fp8_dir, layout, rank, torch.bfloat16, fp8_resident=True)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert held == plan.weight_bytes, rank
+        kept = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+        assert kept == plan.fp8_params > 0
+
+
+def prefill_logits(model: LlamaStage, ids: list[int]) -> torch.Tensor:
+    block = 4
+    blocks = list(range(-(-len(ids) // block)))
+    meta = AttentionMetadata.build([len(ids)], [0], [blocks], block)
+    return model(torch.tensor(ids), torch.arange(len(ids)), meta, model.new_kv_cache(len(blocks), block))
+
+
+def test_fp8_model_logits_match_the_twin(pair) -> None:
+    # The whole model with FP8 linears, on CPU: float32 through the weight-only math equals the twin to
+    # float rounding; bfloat16 through the scaled FP8 GEMM (every row count) within FP8's tolerance.
+    fp8_dir, twin_dir = pair
+    ids = torch.randint(3, 1003, (24,), generator=torch.Generator().manual_seed(4)).tolist()
+    got, _ = load_rank(fp8_dir, Layout(), 0, fp8_resident=True)
+    want, _ = load_rank(twin_dir, Layout(), 0)
+    assert torch.allclose(prefill_logits(got, ids), prefill_logits(want, ids), atol=1e-4, rtol=1e-4)
+
+    got, _ = load_rank(fp8_dir, Layout(), 0, torch.bfloat16, fp8_resident=True)
+    want = prefill_logits(load_rank(twin_dir, Layout(), 0, torch.bfloat16)[0], ids).float()
+
+    def error() -> float:
+        return ((prefill_logits(got, ids).float() - want).norm() / want.norm()).item()
+
+    weight_only = error()               # 24 rows: below the default threshold; BF16 rounding only
+    linears = [m for m in got.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.fp8]
+    assert len(linears) == 3 * 4 - 1    # the 4 linears of layers 1-3 but layer 2's mixed q|k|v; layer 0 BF16
+    for m in linears:
+        m.fp8 = FP8Gemm(1200.0, scaled_mm_min_rows=1)
+    scaled = error()                    # activations rounded to FP8 too: 3 mantissa bits
+    assert weight_only < 0.01 and weight_only < scaled < 0.08, (weight_only, scaled)
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ class ShardStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., stage: _Optional[int] = ..., tp_rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("name", "state", "shards", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "steps", "preemptions", "last_progress_age_s", "error")
+    __slots__ = ("name", "state", "shards", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "steps", "preemptions", "last_progress_age_s", "error", "prefix_cache_blocks", "prefix_cache_requests", "prefix_cache_hit_requests", "prefix_cache_prompt_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,12 @@ class ReplicaStatus(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_PROGRESS_AGE_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ReplicaState
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
@@ -60,7 +66,13 @@ class ReplicaStatus(_message.Message):
     preemptions: int
     last_progress_age_s: float
     error: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., last_progress_age_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    prefix_cache_blocks: int
+    prefix_cache_requests: int
+    prefix_cache_hit_requests: int
+    prefix_cache_prompt_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_evictions: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., last_progress_age_s: _Optional[float] = ..., error: _Optional[str] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_requests: _Optional[int] = ..., prefix_cache_hit_requests: _Optional[int] = ..., prefix_cache_prompt_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("serving", "draining", "in_flight", "max_in_flight", "replicas_target", "replicas")
