@@ -36,6 +36,8 @@ class ShardSpec:
     device: str               # auto | cpu | cuda
     cpu_threads: int
     collective_timeout_s: float
+    cuda_graphs: bool = False   # decode steps as CUDA graphs, of up to graph_max_batch sequences (on CUDA only)
+    graph_max_batch: int = 256
 
 
 class ShardDied(RuntimeError):
@@ -75,7 +77,7 @@ class ShardActor:
         store = self._store or open_store(endpoint, s.rank, s.layout.world_size)
         ctx = init_parallel(s.layout, s.rank, endpoint, device, store=store if s.layout.world_size > 1 else None)
         self.worker = ShardWorker(s.model_dir, ctx, dtype=s.dtype, num_blocks=s.num_blocks, block_size=s.block_size,
-                                  progress=False)
+                                  progress=False, cuda_graphs=s.cuda_graphs, graph_max_batch=s.graph_max_batch)
         if s.layout.world_size > 1:
             dist.barrier(group=ctx.cpu_group)
         return {"rank": s.rank, "device": str(device), "seconds": time.monotonic() - start,

@@ -29,6 +29,8 @@ timeouts:
 shard:
   device: auto                # auto | cpu | cuda
   cpu_threads: 1              # torch threads per shard when it computes on CPU
+  cuda_graphs: true           # on CUDA: decode steps of up to scheduler.max_num_seqs sequences replay graphs
+                              # captured at start (shard/graphs.py); false runs every step eagerly, to debug
 local_cluster:                # only without an address: a local Ray cluster that simulates nodes
   nodes: 2                    # simulated nodes
   gpus_per_node: null         # null: just enough for the layout, whole TP groups per node
@@ -171,6 +173,7 @@ class TimeoutsSection:
 class ShardSection:
     device: str = _rule("auto", _one_of(DEVICES))
     cpu_threads: int = _rule(1, _AT_LEAST_1)
+    cuda_graphs: bool = _rule(True, (lambda v: True, "use true or false"))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ timeouts:
 shard:
   device: cuda
   cpu_threads: 4
+  cuda_graphs: false
 local_cluster:
   nodes: 4
   gpus_per_node: 8
@@ -94,7 +95,7 @@ def test_full_file_sets_every_key(tmp_path):
     assert cfg.kv_cache == KVCacheSection(block_size=32, memory_per_shard=2**30, num_blocks=500, prefix_caching=False)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_tokens_per_step) == (8, 256)
     assert dataclasses.astuple(cfg.timeouts) == (600.0, 2.5, 30.0, 0.5, 20.0)
-    assert (cfg.shard.device, cfg.shard.cpu_threads) == ("cuda", 4)
+    assert (cfg.shard.device, cfg.shard.cpu_threads, cfg.shard.cuda_graphs) == ("cuda", 4, False)
     assert cfg.local_cluster == LocalClusterSection(nodes=4, gpus_per_node=8, cpus_per_node=16)
     assert (cfg.address, cfg.name) == ("10.0.0.1:6379", "llama-70b")
     assert cfg.router.tls_key_file == str((tmp_path / "tls" / "key.pem").resolve())
@@ -270,3 +271,10 @@ def test_gpus_for(tp, pp, replicas, nodes, gpus_per_node, expected):
 def test_torch_dtype():
     for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]:
         assert ServeConfig.from_dict({"model": {"dtype": name}}).model.torch_dtype is dtype
+
+
+def test_cuda_graphs_is_a_boolean_switch_on_by_default(tmp_path):
+    assert ServeConfig().shard.cuda_graphs is True
+    assert ServeConfig.from_yaml(write(tmp_path, "shard:\n  cuda_graphs: false\n")).shard.cuda_graphs is False
+    with pytest.raises(ConfigError, match=r"shard\.cuda_graphs: got 'off' \(str\); use true or false"):
+        ServeConfig.from_yaml(write(tmp_path, "shard:\n  cuda_graphs: 'off'\n"))
