@@ -16,11 +16,12 @@ Cache-aware: each replica also reports the chain hashes of up to `PREFIX_SUMMARY
 cached KV blocks, most recently used first (`routing_stats`). The router computes the request's
 own chain (`cluster.scheduler.block_hashes`, the engine's) and so each replica's cached prefix of
 the request, in tokens. A replica that holds some of it takes the request, the longest prefix
-first, unless it is much busier than the freest replica: its free capacity more than
-`AFFINITY_SLACK` of its whole KV below the best. Then the turns of a conversation stay where
-their history is cached while load is even, and spread once that replica fills up (its queue and
-what was routed to it since its report count against it, as above). A replica's prefill of a
-cached prefix costs nothing, so only the uncached part of a prompt is charged to it.
+first, unless it is much busier than the others: its free capacity after taking the request
+(free capacity - the prompt's uncached tokens) more than `AFFINITY_SLACK` of its whole KV below
+the best replica's. Then the turns of a conversation stay where their history is cached while
+load is even, and spread once that replica fills up (its queue and what was routed to it since
+its report count against it, as above). A replica's prefill of a cached prefix costs nothing, so
+only the uncached part of a prompt is charged to it.
 
 `rank_replicas` (the policy), `RoutedSinceReport` (the router's count) and `PrefixSummaries` (the
 replicas' cached prefixes) need no Ray; `CapacityRouter` feeds them Serve's view of the replicas.
@@ -39,7 +40,8 @@ from cluster.scheduler import block_hashes
 K = TypeVar("K", bound=Hashable)
 
 ROUTING_STATS_PERIOD_S = 0.5
-PREFIX_SUMMARY_BLOCKS = 4096   # chain hashes a replica reports: 32 KiB, 64 K tokens of 16-token blocks
+PREFIX_SUMMARY_BLOCKS = 2048   # chain hashes a replica reports: 16 KiB (Serve ships and hashes every report),
+                               # 32 K tokens of 16-token blocks, the most recently used
 AFFINITY_SLACK = 0.25          # a replica holding the prefix wins unless its free capacity is this much
                                # of its KV below the freest replica's
 _LOW64 = (1 << 64) - 1
@@ -68,11 +70,13 @@ def rank_replicas(replicas: Sequence[tuple[K, Mapping[str, Any], int]],
     cached_tokens = cached_tokens or {}
     scored = [(free_capacity(stats, routed), key, stats) for key, stats, routed in replicas]
     usable = [s for s in scored if s[0] is not None]
-    best = max((capacity for capacity, _, _ in usable), default=0)
+    # Capacity left after the request, but for the prompt tokens all replicas would compute alike.
+    best = max((capacity + cached_tokens.get(key, 0) for capacity, key, _ in usable), default=0)
 
     def affinity(capacity: int, key: K, stats: Mapping[str, Any]) -> int:
-        near = capacity >= best - AFFINITY_SLACK * stats["num_blocks"] * stats["block_size"]
-        return cached_tokens.get(key, 0) if near else 0
+        hit = cached_tokens.get(key, 0)
+        near = capacity + hit >= best - AFFINITY_SLACK * stats["num_blocks"] * stats["block_size"]
+        return hit if near else 0
 
     usable.sort(key=lambda s: (-affinity(*s), -s[0]))  # stable: ties keep their order
     return [key for _, key, _ in usable] + [key for capacity, key, _ in scored if capacity is None]

@@ -65,13 +65,14 @@ def test_prompt_tokens_are_read_from_the_generate_call():
 
 
 def test_a_replica_holding_the_prefix_comes_first_unless_it_is_much_busier():
-    # AFFINITY_SLACK of 100 blocks of 16 tokens: 400 tokens of free capacity.
+    # AFFINITY_SLACK of 100 blocks of 16 tokens: 400 tokens of free capacity, and b need not compute
+    # the 64 cached tokens: b keeps the request until it is 464 tokens busier than a.
     even = [("a", stats(), 0), ("b", stats(), 0)]
     assert rank_replicas(even, {"b": 64}) == ["b", "a"]
     assert rank_replicas(even, {"a": 32, "b": 64}) == ["b", "a"]          # the longest prefix first
-    assert rank_replicas([("a", stats(), 0), ("b", stats(queued_tokens=390), 0)], {"b": 64}) == ["b", "a"]
-    assert rank_replicas([("a", stats(), 0), ("b", stats(queued_tokens=410), 0)], {"b": 64}) == ["a", "b"]
-    assert rank_replicas([("a", stats(), 0), ("b", stats(), 500)], {"b": 64}) == ["a", "b"]  # routed there since
+    assert rank_replicas([("a", stats(), 0), ("b", stats(queued_tokens=460), 0)], {"b": 64}) == ["b", "a"]
+    assert rank_replicas([("a", stats(), 0), ("b", stats(queued_tokens=470), 0)], {"b": 64}) == ["a", "b"]
+    assert rank_replicas([("a", stats(), 0), ("b", stats(), 470)], {"b": 64}) == ["a", "b"]  # routed there since
     assert rank_replicas([("a", stats(failed="died"), 0), ("b", stats(), 0)], {"a": 64}) == ["b", "a"]
 
 
