@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--workload", default=None, metavar="IN:OUT",
                       help="with --gpu: input and output tokens of a request, for the throughput (default 1024:128)")
     plan.add_argument("--json", action="store_true", help="with --gpu: print the ranking as one JSON object")
+    plan.add_argument("--results", type=Path, default=None,
+                      help="with --gpu: the folder of GPU bench results whose measured efficiencies the estimate "
+                           "uses for that GPU (bench/gpu_layer.py, bench/fp8_gemm.py; default: this checkout's "
+                           "bench/results); without any, the estimate is the roofline floor")
     plan.set_defaults(run=_plan)
 
     chat = sub.add_parser("chat", help="talk with the model served by a running router (one line, one turn)",
@@ -368,7 +372,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.gpu is not None:
         return _rank_layouts(args)
-    for flag in ("nodes", "gpus_per_node", "context", "workload", "json"):
+    for flag in ("nodes", "gpus_per_node", "context", "workload", "json", "results"):
         if getattr(args, flag) not in (None, False):
             raise ServeConfigError("--" + flag.replace("_", "-"), "needs --gpu (the cluster whose layouts to rank)",
                                    "command line")
@@ -387,7 +391,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _rank_layouts(args: argparse.Namespace) -> int:
     from shard.config import ModelConfig
     from shard.gpus import gpu
-    from shard.planner import Cluster, Workload, format_ranking, rank_layouts, ranking_json
+    from shard.planner import (Cluster, MeasurementError, Workload, format_ranking, load_measured, rank_layouts,
+                               ranking_json)
 
     def bad(flag: str, problem: str) -> ServeConfigError:
         return ServeConfigError(flag, problem, "command line")
@@ -416,7 +421,14 @@ def _rank_layouts(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else _model_dir(args)
     cfg = _plan_weights(ModelConfig.from_pretrained(model), args.dtype)
     cluster = Cluster(spec, nodes, per_node)
-    ranked = rank_layouts(cfg, cluster, workload, only=Layout(args.tp or 0, args.pp or 0))
+    results = args.results if args.results is not None else Path(__file__).resolve().parents[1] / "bench" / "results"
+    if args.results is not None and not results.is_dir():
+        raise bad("--results", f"{results} is not a folder; point it at the bench results (bench/results)")
+    try:
+        measured = load_measured(results, spec, "fp8" if cfg.quantization else "bf16")
+    except MeasurementError as e:
+        raise bad("--results", str(e)) from None
+    ranked = rank_layouts(cfg, cluster, workload, only=Layout(args.tp or 0, args.pp or 0), measured=measured)
     if args.json:
         print(json.dumps(ranking_json(cfg, cluster, workload, ranked), indent=2))
     else:

@@ -44,3 +44,14 @@ def gpu(name: str) -> GPU:
         return GPUS[name.lower()]
     except KeyError:
         raise KeyError(f"unknown GPU {name!r}; known: {', '.join(sorted(GPUS))}") from None
+
+
+# Substrings of `torch.cuda.get_device_name()` -> the GPU above, most specific first.
+_DEVICE_NAMES = (("H200", "h200"), ("H100 80GB", "h100-80gb"), ("H100", "h100-80gb"), ("A100-SXM4-80GB", "a100-80gb"),
+                 ("A100 80GB", "a100-80gb"))
+
+
+def gpu_for_device(device_name: str) -> GPU | None:
+    """The GPU of this table a CUDA device name ("NVIDIA H200") is, or None: a bench's measurements
+    count for `caravan plan` on that GPU only."""
+    return next((GPUS[key] for part, key in _DEVICE_NAMES if part in device_name), None)

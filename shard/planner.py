@@ -24,11 +24,25 @@ Speed: roofline floors from peak datasheet rates (shard/gpus.py), so every estim
   launch and collective latency, scheduling gaps and the sampler are left out.
 Ranking: output tokens/s of the whole cluster (equivalently requests/s: one workload), since the
 cluster is what is rented; ties go to the lower decode floor.
+
+Measured efficiencies (`Measured`, `load_measured`): where a results folder (bench/results) holds a
+GPU bench's measurements for the cluster's GPU and the plan's weight dtype, a decode step of b
+sequences takes its floor over the fraction of the HBM roofline measured at the nearest measured
+batch, and a prefill its compute floor over the fraction of the GEMM peak measured; the table and
+the JSON name the files. Files read, newest first: `gpu_layer-*.json` (bench/gpu_layer.py, a whole
+decoder layer) then `fp8_gemm-*.json` (bench/fp8_gemm.py, the layer's GEMMs alone), each holding
+    {"gpu": "h200", "efficiency": {"bf16" | "fp8": {"decode_roofline_fraction": {"1": 0.6, "16": ...},
+                                                     "prefill_gemm_fraction": 0.7}}}
+(a file with a top-level block and no "efficiency" counts as "bf16"). Smoke runs and files with no
+efficiency block are skipped; a malformed block is an error naming the file and the field.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,10 +52,74 @@ from shard.layout import Layout, valid_tp
 from shard.plan import RankPlan, plan_replica
 
 RESERVE = 0.10
-# What the loader does today (shard/quant.py): the plan counts what vLLM holds, Caravan still needs BF16's.
-FP8_RESIDENT_NOTE = ("fp8: these figures keep the FP8 weights in FP8 on the GPU; Caravan's loader dequantises them "
-                     "to BF16 today, so plan its serving with --dtype bf16 until the FP8 GEMM path lands")
+FP8_RESIDENT_NOTE = ("fp8: FP8 weights stay FP8 on the GPU as Caravan's loader keeps them (shard/quant.py: linears "
+                     "whose checkpoint parts are all FP8), multiplied by the FP8 GEMMs of shard/kernels/fp8.py")
+ROOFLINE_NOTE = "estimates are roofline floors at peak datasheet rates (no measured efficiency for this GPU and dtype)"
 ACT_BYTES = 2        # activations travel as BF16
+RESULT_GLOBS = ("gpu_layer-*.json", "fp8_gemm-*.json")
+
+
+class MeasurementError(ValueError):
+    """A bench result the planner cannot read; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Fractions of the roofline a GPU bench measured, for one GPU and weight dtype."""
+
+    gpu: str
+    dtype: str
+    decode: dict[int, float]            # batch -> fraction of the HBM roofline a decode step reached
+    prefill: float | None               # fraction of the tensor-core peak a prefill's GEMMs reached
+    source: str                         # the file
+
+    def decode_at(self, batch: int) -> float:
+        """The fraction at the measured batch nearest `batch` (by ratio: 12 is nearer 16 than 1)."""
+        return self.decode[min(sorted(self.decode), key=lambda b: abs(math.log(max(batch, 1) / b)))]
+
+
+def load_measured(results: Path | None, gpu: GPU, dtype: str) -> Measured | None:
+    """The newest measurement in `results` for `gpu` and `dtype` ("bf16" or "fp8"), whole-layer
+    benches before GEMM-only ones; None when there is none (or `results` is None)."""
+    if results is None or not results.is_dir():
+        return None
+    for pattern in RESULT_GLOBS:
+        for path in sorted(results.glob(pattern), reverse=True):
+            found = _read_measured(path, gpu, dtype)
+            if found is not None:
+                return found
+    return None
+
+
+def _read_measured(path: Path, gpu: GPU, dtype: str) -> Measured | None:
+    def bad(where: str, problem: str) -> MeasurementError:
+        return MeasurementError(f"{path}: {where} {problem}; rerun the bench that wrote it, or move the file out "
+                                f"of the results folder (caravan plan --results)")
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise bad("the file", f"is not JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("smoke") or raw.get("gpu") != gpu.name:
+        return None
+    blocks = raw.get("efficiency")
+    if blocks is None and "decode_roofline_fraction" in raw:
+        blocks = {"bf16": raw}
+    if not isinstance(blocks, dict) or not isinstance(block := blocks.get(dtype), dict):
+        return None
+    decode = block.get("decode_roofline_fraction")
+    if not isinstance(decode, dict) or not decode:
+        raise bad(f"efficiency.{dtype}.decode_roofline_fraction", f"is {decode!r}, not a map of batch to fraction")
+    fractions = {}
+    for batch, f in decode.items():
+        if not (str(batch).isdigit() and int(batch) > 0 and isinstance(f, (int, float)) and 0 < f <= 1):
+            raise bad(f"efficiency.{dtype}.decode_roofline_fraction[{batch!r}]",
+                      f"is {f!r}; want a batch >= 1 and a fraction in (0, 1]")
+        fractions[int(batch)] = float(f)
+    prefill = block.get("prefill_gemm_fraction")
+    if prefill is not None and not (isinstance(prefill, (int, float)) and 0 < prefill <= 1):
+        raise bad(f"efficiency.{dtype}.prefill_gemm_fraction", f"is {prefill!r}; want a fraction in (0, 1]")
+    return Measured(gpu.name, dtype, fractions, None if prefill is None else float(prefill), str(path))
 
 
 @dataclass(frozen=True)
@@ -75,6 +153,7 @@ class Estimate:
     batch: int               # sequences per replica at input + output tokens
     requests_per_s: float    # whole cluster
     output_tokens_per_s: float
+    measured: Measured | None = None   # the efficiencies applied, or None: roofline floors
 
     @property
     def fits(self) -> bool:
@@ -95,19 +174,24 @@ def layouts(cfg: ModelConfig, cluster: Cluster) -> list[tuple[Layout, int]]:
     return out
 
 
-def rank_layouts(cfg: ModelConfig, cluster: Cluster, workload: Workload, only: Layout | None = None) -> list[Estimate]:
+def rank_layouts(cfg: ModelConfig, cluster: Cluster, workload: Workload, only: Layout | None = None,
+                 measured: Measured | None = None) -> list[Estimate]:
     """Every layout's estimate, best first; those that do not fit last, the nearest to fitting first.
-    FP8 weights where `cfg.quantization` says (`shard.plan.as_fp8`). `only`: a TP or PP of 0 there means any."""
+    FP8 weights where `cfg.quantization` says (`shard.plan.as_fp8`). `only`: a TP or PP of 0 there means any.
+    `measured`: efficiencies to apply (`load_measured`), else roofline floors."""
     chosen = [(lay, r) for lay, r in layouts(cfg, cluster)
               if only is None or ((only.tp in (0, lay.tp)) and (only.pp in (0, lay.pp)))]
-    estimates = [estimate(cfg, cluster, lay, r, workload) for lay, r in chosen]
+    estimates = [estimate(cfg, cluster, lay, r, workload, measured) for lay, r in chosen]
     # Over-budget layouts compare by the GB they miss by, so a near-tie goes to the faster one.
     return sorted(estimates, key=lambda e: (not e.fits, -e.output_tokens_per_s, round(e.over_bytes / 1e7),
                                             e.decode_s))
 
 
-def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, workload: Workload) -> Estimate:
+def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, workload: Workload,
+             measured: Measured | None = None) -> Estimate:
     g, w = cluster.gpu, workload
+    if measured is not None and measured.gpu != g.name:
+        raise ValueError(f"efficiencies measured on {measured.gpu} ({measured.source}) applied to {g.name}")
     plans = plan_replica(cfg, layout, None, torch.bfloat16)
     # Each stage's fullest rank (check_layout makes TP splits even, so any of them).
     stages = [max((p for p in plans if p.pp_rank == s), key=lambda p: p.weight_bytes) for s in range(layout.pp)]
@@ -119,14 +203,16 @@ def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, 
     def stage_s(p: RankPlan, batch: int, context: float) -> float:
         read = (p.weight_bytes + batch * context * p.kv_bytes_per_token) / g.hbm_bytes_per_s
         reduces = 2 * len(p.layers) * _all_reduce_s(g, layout.tp, batch * cfg.hidden_size)
-        return max(read, batch * _flop_s(g, p)) + reduces
+        efficiency = measured.decode_at(batch) if measured else 1.0
+        return max(read, batch * _flop_s(g, p)) / efficiency + reduces
 
     def hand_offs_s(batch: int) -> float:
         size = ACT_BYTES * batch * cfg.hidden_size
         return hops * size / g.internode_bytes_per_s + (layout.pp - 1 - hops) * size / g.nvlink_bytes_per_s
 
     decode = sum(stage_s(p, 1, w.context) for p in stages) + hand_offs_s(1)
-    prefill_stages = [max(w.input_tokens * _flop_s(g, p), p.weight_bytes / g.hbm_bytes_per_s)
+    prefill_efficiency = measured.prefill if measured and measured.prefill else 1.0
+    prefill_stages = [max(w.input_tokens * _flop_s(g, p) / prefill_efficiency, p.weight_bytes / g.hbm_bytes_per_s)
                       + 2 * len(p.layers) * _all_reduce_s(g, layout.tp, w.input_tokens * cfg.hidden_size)
                       for p in stages]
     prefill = sum(prefill_stages) + hand_offs_s(w.input_tokens)
@@ -143,7 +229,7 @@ def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, 
         per_request = max(prefill_stages) + w.output_tokens * cycle / running
         rate = replicas / per_request
     return Estimate(layout, replicas, max(p.weight_bytes for p in plans), over, kv_tokens,
-                    kv_tokens // w.context, decode, prefill, batch, rate, rate * w.output_tokens)
+                    kv_tokens // w.context, decode, prefill, batch, rate, rate * w.output_tokens, measured)
 
 
 def _flop_s(g: GPU, p: RankPlan) -> float:
@@ -189,10 +275,19 @@ def format_ranking(cfg: ModelConfig, cluster: Cluster, workload: Workload, estim
                      f"more per GPU; add nodes or take a GPU with more memory{fp8_hint}")
     lines.append(f"weights: largest rank; KV tokens, seqs (at {w.context} tokens) and batch (at "
                  f"{w.input_tokens + w.output_tokens}): per replica; decode: ms per token of one sequence; "
-                 f"req/s and out tok/s: whole cluster (ranked by), peak-rate ceilings (shard/planner.py)")
+                 f"req/s and out tok/s: whole cluster (ranked by); the model: shard/planner.py")
+    lines.append(measured_note(estimates[0].measured if estimates else None))
     if cfg.quantization:
         lines.append(FP8_RESIDENT_NOTE)
     return "\n".join(lines)
+
+
+def measured_note(m: Measured | None) -> str:
+    if m is None:
+        return ROOFLINE_NOTE
+    decode = ", ".join(f"batch {b}: {m.decode[b]:.0%}" for b in sorted(m.decode))
+    prefill = f"; prefill at {m.prefill:.0%} of the GEMM peak" if m.prefill else ""
+    return f"measured on {m.gpu}, {m.source} ({m.dtype}): decode at {decode} of the HBM roofline{prefill}"
 
 
 def ranking_json(cfg: ModelConfig, cluster: Cluster, workload: Workload, estimates: list[Estimate]) -> dict:
@@ -202,6 +297,7 @@ def ranking_json(cfg: ModelConfig, cluster: Cluster, workload: Workload, estimat
         "workload": {"input_tokens": workload.input_tokens, "output_tokens": workload.output_tokens,
                      "context": workload.context},
         "ranked_by": "output_tokens_per_s",
+        "estimate": _measured_json(estimates[0].measured if estimates else None),
         "layouts": [{
             "tp": e.layout.tp, "pp": e.layout.pp, "replicas": e.replicas, "gpus": e.gpus, "fits": e.fits,
             "weight_bytes_per_gpu": e.weight_bytes, "over_bytes_per_gpu": max(0, e.over_bytes),
@@ -210,3 +306,10 @@ def ranking_json(cfg: ModelConfig, cluster: Cluster, workload: Workload, estimat
             "requests_per_s": e.requests_per_s, "output_tokens_per_s": e.output_tokens_per_s,
         } for e in estimates],
     }
+
+
+def _measured_json(m: Measured | None) -> dict:
+    if m is None:
+        return {"basis": "roofline", "note": ROOFLINE_NOTE}
+    return {"basis": "measured", "gpu": m.gpu, "dtype": m.dtype, "source": m.source, "note": measured_note(m),
+            "decode_roofline_fraction": {str(b): m.decode[b] for b in sorted(m.decode)}, "prefill_gemm_fraction": m.prefill}

@@ -8,6 +8,7 @@ are not exercised here: they need a GPU (SM89+ for the scaled GEMM).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,20 @@ def test_triton_kernel_under_interpreter() -> None:
     result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path) -> None:
+    # bench/fp8_gemm.py end to end on CPU (tiny shapes, the interpreter): its JSON, as a GPU run writes it.
+    pytest.importorskip("triton", reason="`pip install triton numpy`: the smoke run uses Triton's interpreter")
+    result = subprocess.run([sys.executable, "bench/fp8_gemm.py", "--smoke", "--out", str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (path,) = tmp_path.glob("fp8_gemm-*.json")
+    out = json.loads(path.read_text())
+    assert out["smoke"] and out["gpu"] is None and out["efficiency"] is None   # never read by `caravan plan`
+    assert {(t["shape"], t["rows"]) for t in out["timings"]} == {(s, r) for s in ("qkv", "o", "gate_up", "down")
+                                                                 for r in (1, 16)}
+    assert all(t["weight_only_ratio"] == pytest.approx(t["weight_only_ms"] / t["bf16_ms"]) for t in out["timings"])
+    logits = out["logits"]
+    assert 0 < logits["weight_only"]["relative"] < logits["scaled_mm"]["relative"] < 0.08

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
 from shard.config import ModelConfig
 from shard.gpus import GPUS, gpu
 from shard.layout import Layout
 from shard.plan import as_fp8
-from shard.planner import (FP8_RESIDENT_NOTE, RESERVE, Cluster, Estimate, Workload, _network_hops, estimate,
-                           format_ranking, layouts, rank_layouts, ranking_json)
+from shard.planner import (FP8_RESIDENT_NOTE, RESERVE, ROOFLINE_NOTE, Cluster, Estimate, MeasurementError, Workload,
+                           _network_hops, estimate, format_ranking, layouts, load_measured, rank_layouts,
+                           ranking_json)
 from tests.conftest import SHARED
 
 FIXTURE = SHARED / "fixtures" / "llama-3.1-405b-instruct"
@@ -92,9 +97,9 @@ def test_405b_bf16_one_node_does_not_fit(cfg: ModelConfig) -> None:
     assert "--dtype fp8" in text and FP8_RESIDENT_NOTE not in text
 
 
-def test_an_fp8_plan_says_caravan_still_holds_bf16(cfg: ModelConfig, one_node_fp8: list[Estimate]) -> None:
+def test_an_fp8_plan_says_how_fp8_is_held(cfg: ModelConfig, one_node_fp8: list[Estimate]) -> None:
     text = format_ranking(as_fp8(cfg), Cluster(H100, 1, 8), Workload(), one_node_fp8)
-    assert text.splitlines()[-1] == FP8_RESIDENT_NOTE and "dequantises them to BF16 today" in FP8_RESIDENT_NOTE
+    assert text.splitlines()[-2:] == [ROOFLINE_NOTE, FP8_RESIDENT_NOTE] and "shard/kernels/fp8.py" in FP8_RESIDENT_NOTE
 
 
 def test_405b_fp8_one_node(one_node_fp8: list[Estimate]) -> None:
@@ -153,3 +158,80 @@ def test_json(cfg: ModelConfig, two_nodes_bf16: list[Estimate]) -> None:
     assert first["fits"] and first["gpus"] == 16 and first["output_tokens_per_s"] > 0
     last = out["layouts"][-1]
     assert not last["fits"] and last["over_bytes_per_gpu"] > 0 and last["tp"] * last["pp"] == 1
+
+
+# --- measured efficiencies (bench/results) --------------------------------------------------------------
+
+H200 = gpu("h200")
+
+
+def write_results(folder: Path) -> Path:
+    """A whole-layer bench on the H200 (BF16), a GEMM bench with both dtypes, and files to skip."""
+    folder.mkdir(exist_ok=True)
+    (folder / "gpu_layer-20260101-000000.json").write_text(json.dumps(
+        {"gpu": "h200", "decode_roofline_fraction": {"1": 0.5, "16": 0.8}, "prefill_gemm_fraction": 0.6}))
+    (folder / "fp8_gemm-20260101-000000.json").write_text(json.dumps({"gpu": "h200", "efficiency": {
+        "bf16": {"decode_roofline_fraction": {"1": 0.9}, "prefill_gemm_fraction": 0.9},
+        "fp8": {"decode_roofline_fraction": {"1": 0.4, "256": 0.7}, "prefill_gemm_fraction": 0.5}}}))
+    (folder / "fp8_gemm-20270101-000000.json").write_text(json.dumps(
+        {"gpu": None, "smoke": True, "efficiency": None}))                       # a CPU smoke run: skipped
+    (folder / "gpu_layer-20260101-000001.json").write_text(json.dumps({"gpu": "h100-80gb", "efficiency": {
+        "bf16": {"decode_roofline_fraction": {"1": 0.1}}}}))                       # another GPU
+    (folder / "load-20260101.json").write_text("{}")                              # not a GPU bench
+    return folder
+
+
+def test_reads_measurements_for_its_gpu_and_dtype(tmp_path: Path) -> None:
+    folder = write_results(tmp_path / "results")
+    bf16 = load_measured(folder, H200, "bf16")
+    assert bf16.source == str(folder / "gpu_layer-20260101-000000.json")    # the whole layer before GEMMs alone
+    assert bf16.decode == {1: 0.5, 16: 0.8} and bf16.prefill == 0.6
+    assert [bf16.decode_at(b) for b in (1, 3, 5, 12, 500)] == [0.5, 0.5, 0.8, 0.8, 0.8]
+    fp8 = load_measured(folder, H200, "fp8")
+    assert fp8.source.endswith("fp8_gemm-20260101-000000.json") and fp8.decode == {1: 0.4, 256: 0.7}
+    assert load_measured(folder, H100, "fp8") is None                         # the H100 file has BF16 only
+    assert load_measured(folder, gpu("a100-80gb"), "bf16") is None
+    assert load_measured(tmp_path / "none", H200, "bf16") is None and load_measured(None, H200, "bf16") is None
+
+
+def test_measured_estimate_divides_the_floor(cfg: ModelConfig, tmp_path: Path) -> None:
+    folder = write_results(tmp_path / "results")
+    w, cluster = Workload(), Cluster(H200, 2, 8)
+    floor = estimate(cfg, cluster, Layout(8, 2), 1, w)
+    measured = load_measured(folder, H200, "bf16")
+    est = estimate(cfg, cluster, Layout(8, 2), 1, w, measured)
+    # The stages' reads (2 x 50.7 GB at 4.8 TB/s) take 1 / 0.5 as long; the all-reduces and the hand-off
+    # are not GEMMs and stay: at a quarter, the reads take twice as long again.
+    reads = est.decode_s - floor.decode_s
+    assert reads == pytest.approx(2 * 50.74e9 / 4.8e12, rel=0.03)
+    quarter = dataclasses.replace(measured, decode={1: 0.25})
+    assert estimate(cfg, cluster, Layout(8, 2), 1, w, quarter).decode_s - est.decode_s == pytest.approx(2 * reads)
+    assert est.output_tokens_per_s < floor.output_tokens_per_s and est.weight_bytes == floor.weight_bytes
+    assert est.measured is measured and floor.measured is None
+    with pytest.raises(ValueError, match="measured on h200"):
+        estimate(cfg, Cluster(H100, 2, 8), Layout(8, 2), 1, w, measured)
+
+    ranked = rank_layouts(cfg, cluster, w, measured=measured)
+    text = format_ranking(cfg, cluster, w, ranked)
+    assert (f"measured on h200, {folder / 'gpu_layer-20260101-000000.json'} (bf16): decode at batch 1: 50%, "
+            f"batch 16: 80% of the HBM roofline; prefill at 60% of the GEMM peak") in text
+    assert ROOFLINE_NOTE not in text
+    out = ranking_json(cfg, cluster, w, ranked)["estimate"]
+    assert out["basis"] == "measured" and out["gpu"] == "h200" and out["decode_roofline_fraction"] == {"1": 0.5,
+                                                                                                        "16": 0.8}
+    plain = ranking_json(cfg, cluster, w, rank_layouts(cfg, cluster, w))["estimate"]
+    assert plain == {"basis": "roofline", "note": ROOFLINE_NOTE}
+
+
+@pytest.mark.parametrize("block, field", [
+    ({"decode_roofline_fraction": {"1": 1.5}}, "decode_roofline_fraction['1']"),
+    ({"decode_roofline_fraction": {"one": 0.5}}, "decode_roofline_fraction['one']"),
+    ({"decode_roofline_fraction": []}, "decode_roofline_fraction"),
+    ({"decode_roofline_fraction": {"1": 0.5}, "prefill_gemm_fraction": 0}, "prefill_gemm_fraction"),
+])
+def test_malformed_measurement_is_refused(tmp_path: Path, block: dict, field: str) -> None:
+    path = tmp_path / "fp8_gemm-1.json"
+    path.write_text(json.dumps({"gpu": "h200", "efficiency": {"bf16": block}}))
+    with pytest.raises(MeasurementError) as e:
+        load_measured(tmp_path, H200, "bf16")
+    assert str(path) in str(e.value) and f"efficiency.bf16.{field}" in str(e.value)
