@@ -2,6 +2,11 @@
 one process) and served on `router.metrics_port` at /metrics.
 
 Latency buckets span a CPU demo (seconds per token) to an H100 node (milliseconds per token).
+
+Per replica, the prefix cache: hit ratios since the replica started (gauges, for a glance),
+counters of prompt tokens, hit tokens, requests, hit requests and evictions (for `rate()`: the
+hit rate over a window is rate(hit) / rate(prompt)), and the cached blocks. The counters grow by
+what each replica report adds; a replica that restarts counts again from its new totals.
 """
 
 from __future__ import annotations
@@ -10,8 +15,17 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cluster.engine import EngineStats
+
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
+_PREFIX_COUNTERS = (  # EngineStats field, metric name (Prometheus adds _total), help
+    ("prefix_prompt_tokens", "prompt_tokens", "Prompt tokens of the requests a replica admitted"),
+    ("prefix_hit_tokens", "hit_tokens", "Prompt tokens whose KV a replica found in its prefix cache"),
+    ("prefix_requests", "requests", "Requests a replica admitted"),
+    ("prefix_hit_requests", "hit_requests", "Requests that found part of their prompt in a replica's prefix cache"),
+    ("prefix_evictions", "evictions", "Cached KV blocks a replica evicted for new KV"),
+)
 
 
 class RouterMetrics:
@@ -44,6 +58,17 @@ class RouterMetrics:
         self.replica_serving = Gauge("caravan_replica_serving", "1 while a replica makes progress, else 0",
                                      ["replica"], registry=r)
         self.serving = Gauge("caravan_serving", "1 while the router reports SERVING", registry=r)
+        self.prefix_blocks = Gauge("caravan_prefix_cache_blocks", "KV blocks of a replica holding cached prefixes",
+                                   ["replica"], registry=r)
+        self.prefix_token_hit_ratio = Gauge("caravan_prefix_cache_token_hit_ratio",
+                                            "Prompt tokens found in a replica's prefix cache, since it started",
+                                            ["replica"], registry=r)
+        self.prefix_request_hit_ratio = Gauge("caravan_prefix_cache_request_hit_ratio",
+                                              "Requests that found part of their prompt cached, since the replica "
+                                              "started", ["replica"], registry=r)
+        self.prefix_counters = {field: Counter(f"caravan_prefix_cache_{name}", text, ["replica"], registry=r)
+                                for field, name, text in _PREFIX_COUNTERS}
+        self._prefix_seen: dict[str, EngineStats] = {}
         self._generated = 0
         self._rate_mark = (time.monotonic(), 0)
         self._replicas: set[str] = set()
@@ -57,20 +82,35 @@ class RouterMetrics:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
 
-    def observe_replicas(self, stats: dict[str, tuple[bool, int, int, int, int]]) -> None:
-        """stats: replica -> (serving, running, waiting, free blocks, total blocks). Replicas that are
-        gone lose their series, so dashboards do not show a dead replica's last numbers forever."""
+    def observe_replicas(self, stats: dict[str, tuple[bool, EngineStats]]) -> None:
+        """stats: replica -> (serving, its engine stats). Replicas that are gone lose their series, so
+        dashboards do not show a dead replica's last numbers forever."""
         for name in self._replicas - stats.keys():
-            for gauge in (self.running, self.waiting, self.kv_usage, self.replica_serving):
-                gauge.remove(name)
+            for metric in (self.running, self.waiting, self.kv_usage, self.replica_serving, self.prefix_blocks,
+                           self.prefix_token_hit_ratio, self.prefix_request_hit_ratio, *self.prefix_counters.values()):
+                metric.remove(name)
+            self._prefix_seen.pop(name, None)
         self._replicas = set(stats)
-        for name, (serving, running, waiting, free, total) in stats.items():
+        for name, (serving, s) in stats.items():
             self.replica_serving.labels(name).set(int(serving))
-            self.running.labels(name).set(running)
-            self.waiting.labels(name).set(waiting)
-            self.kv_usage.labels(name).set(1 - free / total if total else 0)
+            self.running.labels(name).set(s.running)
+            self.waiting.labels(name).set(s.waiting)
+            self.kv_usage.labels(name).set(1 - s.free_blocks / s.num_blocks if s.num_blocks else 0)
+            self._observe_prefix_cache(name, s)
         now, tokens = time.monotonic(), self._generated
         then, before = self._rate_mark
         if now > then:
             self.tokens_per_second.set((tokens - before) / (now - then))
         self._rate_mark = (now, tokens)
+
+    def _observe_prefix_cache(self, name: str, s: EngineStats) -> None:
+        self.prefix_blocks.labels(name).set(s.prefix_cached_blocks)
+        self.prefix_token_hit_ratio.labels(name).set(s.prefix_hit_tokens / s.prefix_prompt_tokens
+                                                     if s.prefix_prompt_tokens else 0)
+        self.prefix_request_hit_ratio.labels(name).set(s.prefix_hit_requests / s.prefix_requests
+                                                       if s.prefix_requests else 0)
+        seen = self._prefix_seen.get(name)
+        for field, counter in self.prefix_counters.items():
+            now, before = getattr(s, field), getattr(seen, field, 0)
+            counter.labels(name).inc(now - before if now >= before else now)  # below: the replica restarted
+        self._prefix_seen[name] = s

@@ -194,9 +194,7 @@ class Router:
             error = info.stats.failed or ("" if age <= limit else f"no progress for {age:.1f} s")
             views.append(ReplicaView(info, not error, age, error))
         self.replicas = views
-        self.metrics.observe_replicas({v.info.name: (v.serving, v.info.stats.running, v.info.stats.waiting,
-                                                     v.info.stats.free_blocks, v.info.stats.num_blocks)
-                                       for v in views})
+        self.metrics.observe_replicas({v.info.name: (v.serving, v.info.stats) for v in views})
         await self._publish_health()
 
     async def _publish_health(self) -> None:
@@ -361,7 +359,10 @@ class Router:
             r = out.replicas.add(
                 name=info.name, state=apb.REPLICA_STATE_SERVING if v.serving else apb.REPLICA_STATE_NOT_SERVING,
                 kv_blocks_total=s.num_blocks, kv_blocks_free=s.free_blocks, running=s.running, waiting=s.waiting,
-                steps=s.steps, preemptions=s.preemptions, last_progress_age_s=v.progress_age_s, error=v.error)
+                steps=s.steps, preemptions=s.preemptions, last_progress_age_s=v.progress_age_s, error=v.error,
+                prefix_cache_blocks=s.prefix_cached_blocks, prefix_cache_requests=s.prefix_requests,
+                prefix_cache_hit_requests=s.prefix_hit_requests, prefix_cache_prompt_tokens=s.prefix_prompt_tokens,
+                prefix_cache_hit_tokens=s.prefix_hit_tokens, prefix_cache_evictions=s.prefix_evictions)
             for place, ok in zip(info.shards, info.shard_healthy):
                 r.shards.add(rank=place.rank, stage=place.stage, tp_rank=place.tp_rank, node_id=place.node_id,
                              node_ip=place.ip, healthy=ok)

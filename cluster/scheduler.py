@@ -369,7 +369,7 @@ class Scheduler:
                 break
             waiting.popleft()
             pool.take(seq.block_table, hit)
-            seq.num_computed = seq.num_published = start
+            seq.num_computed, seq.num_published = start, len(hit)
             self._count_admission(seq, start)
             pool.grow(seq.block_table, start + n)
             seq.running = True

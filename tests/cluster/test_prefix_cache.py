@@ -185,6 +185,10 @@ def test_the_next_turn_of_a_conversation_hits_the_previous_answer_too():
     # The KV of 18 of the 19 tokens the first turn computed is written (its last output is never
     # fed back); blocks 0-3 are full: 16 tokens, 6 of them from the answer.
     assert first[1].context_len == 16 and out2[1] == reference(turn2, 5)
+    # The second turn, which started from cached blocks, publishes the blocks it filled after them.
+    turn3 = turn2 + out2[1] + [4]
+    out3, first, _ = run(sched, model, {0: [(2, turn3, 3)]})
+    assert first[2].context_len == 24 and out3[2] == reference(turn3, 3)   # 26 tokens written: 6 full blocks
 
 
 def test_chunked_prefill_continues_from_the_cached_prefix():

@@ -53,10 +53,11 @@ class FakeReplica:
 
 
 class Router:
-    """The policy as `CapacityRouter` applies it, over reports read when asked to."""
+    """The policy as `CapacityRouter` applies it (candidates shuffled, so ties go either way), over
+    reports read when asked to."""
 
-    def __init__(self, replicas: dict[str, FakeReplica], cache_aware: bool = True):
-        self.replicas, self.cache_aware = replicas, cache_aware
+    def __init__(self, replicas: dict[str, FakeReplica], cache_aware: bool = True, seed: int = 0):
+        self.replicas, self.cache_aware, self.rng = replicas, cache_aware, random.Random(seed)
         self.routed, self.prefixes = RoutedSinceReport(), PrefixSummaries()
         self.refresh()
 
@@ -67,7 +68,8 @@ class Router:
 
     def route(self, prompt: list[int]) -> str:
         cached = self.prefixes.cached_tokens(self.reports, prompt) if self.cache_aware else {}
-        best = rank_replicas([(k, s, self.routed[k]) for k, s in self.reports.items()], cached)[0]
+        candidates = self.rng.sample(list(self.reports.items()), len(self.reports))
+        best = rank_replicas([(k, s, self.routed[k]) for k, s in candidates], cached)[0]
         self.routed.charge(best, len(prompt) - cached.get(best, 0))
         return best
 
