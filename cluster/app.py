@@ -86,8 +86,9 @@ def build(args: dict[str, Any]):
     config = ServeConfig.from_dict(args, source)
     model_dir = model_dir_for(config, source)
     _wait_for_capacity(config)
+    # On the head, beside the router and Serve's controller: losing a worker node must not lose the reports.
     Registry.options(name=registry_name(config.name), namespace=NAMESPACE, get_if_exists=True,
-                     lifetime="detached").remote(3 * config.timeouts.health_check_period_s + 2)
+                     lifetime="detached", resources=dict(HEAD_NODE)).remote(3 * config.timeouts.health_check_period_s + 2)
     t = config.timeouts
     router = serve.deployment(RouterServer, name=ROUTER).options(
         num_replicas=1,  # the router owns router.port on the head node; a second one could not bind it

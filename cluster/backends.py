@@ -41,8 +41,27 @@ class ServeBackend:
         from cluster.serve import target_replicas
         return await asyncio.to_thread(target_replicas, self.config.name)
 
+    async def pending(self, reporting: int) -> str:
+        """Why fewer than the target replicas report: starting, or not placeable with what the
+        cluster has free (a node was lost), naming what is missing."""
+        target = await self.target_replicas()
+        if reporting >= target:
+            return ""
+        return await asyncio.to_thread(_pending, self.config, target - reporting)
+
     async def close(self) -> None:
         """The replicas stay up: they belong to the Serve application, not to this router."""
+
+
+def _pending(config: ServeConfig, missing: int) -> str:
+    from cluster.placement import cluster_nodes, free_nodes, shard_resource, shortfall
+    from shard.layout import Layout
+    resource = shard_resource(config.shard.device, cluster_nodes())  # by what the nodes have, not what is free
+    layout = Layout(config.layout.tp, config.layout.pp)
+    lack = shortfall(layout, missing, resource, free_nodes(), "what is free")
+    if lack is None:
+        return f"{missing} replica(s) starting (placement, shards, weights)"
+    return f"cannot be placed now: {lack}; Serve places them when nodes come back or are added"
 
 
 class LocalBackend:
@@ -71,6 +90,9 @@ class LocalBackend:
 
     async def target_replicas(self) -> int:
         return 1
+
+    async def pending(self, reporting: int) -> str:
+        return ""
 
     async def close(self) -> None:
         await self.engine.close()

@@ -286,6 +286,8 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
     state = "draining" if resp.draining else "serving" if resp.serving else "not serving"
     lines = [f"router: {state}, {resp.in_flight} / {resp.max_in_flight} requests in flight, "
              f"{len(resp.replicas)} of {resp.replicas_target} replicas reporting"]
+    if resp.pending:
+        lines.append(f"pending: {resp.pending}")
     for r in resp.replicas:
         replica_state = {admin_pb2.REPLICA_STATE_SERVING: "serving",
                          admin_pb2.REPLICA_STATE_NOT_SERVING: "not serving"}.get(r.state, "unknown")

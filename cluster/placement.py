@@ -63,15 +63,30 @@ def replica_bundles(layout: Layout, resource: str) -> list[dict[str, float]]:
 def check_capacity(layout: Layout, replicas: int, resource: str, nodes: list[Node]) -> None:
     """Fails before anything is scheduled when no placement could hold the replicas. (An impossible
     placement group otherwise waits forever, warning every 30 s.)"""
+    missing = shortfall(layout, replicas, resource, nodes)
+    if missing is not None:
+        raise PlacementError(f"{missing}. Lower replicas, tp or pp in the config, or add nodes with at least "
+                             f"{layout.tp} {resource}s each; `ray status` shows what the cluster has")
+
+
+def shortfall(layout: Layout, replicas: int, resource: str, nodes: list[Node], holder: str = "this cluster"
+              ) -> str | None:
+    """What `replicas` replicas of `layout` need that `nodes` (their total or their free resources,
+    as `holder` says) lack, or None when they fit."""
     stages_fit = sum(int(n.resources.get(resource, 0)) // layout.tp for n in nodes)
     needed = layout.pp * replicas
     if stages_fit >= needed:
-        return
+        return None
     per_node = ", ".join(f"{n.ip} ({n.node_id[:8]}): {n.resources.get(resource, 0):g} {resource}" for n in nodes)
-    raise PlacementError(
-        f"{replicas} replica(s) of {layout} need {needed} stages of {layout.tp} {resource}s each, every stage on one "
-        f"node; this cluster holds {stages_fit} [{per_node or 'no nodes'}]. Lower replicas, tp or pp in the config, "
-        f"or add nodes with at least {layout.tp} {resource}s each; `ray status` shows what the cluster has")
+    return (f"{replicas} replica(s) of {layout} need {needed} stages of {layout.tp} {resource}s each, every stage on "
+            f"one node; {holder} holds {stages_fit} [{per_node or 'no nodes'}]")
+
+
+def free_nodes() -> list[Node]:
+    """Live nodes with the resources nothing holds now (`ray status`'s usage, per node)."""
+    from ray._private.state import available_resources_per_node
+    free = available_resources_per_node()
+    return [Node(n.node_id, n.ip, dict(free.get(n.node_id, {}))) for n in cluster_nodes()]
 
 
 def assign_ranks(layout: Layout, bundle_nodes: dict[int, str], ips: dict[str, str]) -> list[ShardPlace]:

@@ -69,6 +69,8 @@ class Backend(Protocol):
 
     async def target_replicas(self) -> int: ...
 
+    async def pending(self, reporting: int) -> str: ...  # why fewer than the target report; "" when none are missing
+
     async def close(self) -> None: ...               # the router is done with it
 
 
@@ -353,7 +355,8 @@ class Router:
         await self._refresh()  # the replicas' latest reports, not the watcher's last look
         out = apb.StatusResponse(serving=self.serving, draining=self.draining, in_flight=self.in_flight,
                                  max_in_flight=self.rc.max_in_flight,
-                                 replicas_target=await self.backend.target_replicas())
+                                 replicas_target=await self.backend.target_replicas(),
+                                 pending=await self.backend.pending(len(self.replicas)))
         for v in self.replicas:
             info, s = v.info, v.info.stats
             r = out.replicas.add(

@@ -293,6 +293,17 @@ def test_status_table(router, monkeypatch, capsys):
     assert "replica-1  not serving" in out and "42.0 s ago" in out and "stage 1 tp 1 died" in out
 
 
+def test_status_says_why_replicas_are_missing():
+    from cluster.client import format_status
+    resp = admin_pb2.StatusResponse(serving=True, max_in_flight=8, replicas_target=2, pending=(
+        "cannot be placed now: 1 replica(s) of TP1xPP2 need 2 stages of 1 GPUs each, every stage on one node; what is "
+        "free holds 0 [10.0.0.1 (n1): 0 GPU]; Serve places them when nodes come back or are added"))
+    lines = format_status(resp).splitlines()
+    assert lines[0] == "router: serving, 0 / 8 requests in flight, 0 of 2 replicas reporting"
+    assert lines[1].startswith("pending: cannot be placed now: 1 replica(s) of TP1xPP2 need 2 stages")
+    assert "pending" not in format_status(admin_pb2.StatusResponse(replicas_target=1))
+
+
 def test_status_json(router, monkeypatch, capsys):
     code, out, _ = caravan(monkeypatch, capsys, "status", "--server", router[0], "--json")
     assert code == 0

@@ -21,6 +21,7 @@ from cluster.config import ConfigError, ServeConfig
 from cluster.engine import ReplicaFailed
 from cluster.placement import PlacementError
 from cluster.app import deploy, delete, scale
+from cluster.backends import ServeBackend
 from cluster.serve import ReplicaClient, target_replicas
 from shard.sampler import SamplingParams
 from tests.cluster.test_equivalence import NEW_TOKENS, reference
@@ -270,7 +271,8 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     """Last in this file: it changes the cluster (a spare node in, a serving node out)."""
     ray_cluster.add_node(num_cpus=1, num_gpus=2, resources={"spare": 1})
     ray_cluster.wait_for_nodes()
-    client = up(config(layout={"tp": 1, "pp": 2}, replicas=2), model_dir)
+    cfg = config(layout={"tp": 1, "pp": 2}, replicas=2)
+    client = up(cfg, model_dir)
     infos = asyncio.run(client.infos())
     victim = infos[0]
     node_ids = {p.node_id for p in victim.shards}
@@ -303,3 +305,16 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     print(f"a replica replaced the one on the removed node {time.monotonic() - removed:.1f} s after the removal")
     assert all(p.node_id not in node_ids for i in infos for p in i.shards)
     assert asyncio.run(tokens(client, prompts[0], params)) == want[0]
+
+    # One node more lost: the cluster can no longer hold both replicas, and status says what is missing.
+    (second,) = [n for n in ray_cluster.worker_nodes if n._node_id == infos[0].shards[0].node_id]
+    ray_cluster.remove_node(second)
+    deadline = time.monotonic() + 30
+    while len(asyncio.run(client.infos())) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    pending = asyncio.run(ServeBackend(cfg, model_dir).pending(1))
+    print(f"status: pending: {pending}")
+    assert re.fullmatch(r"cannot be placed now: 1 replica\(s\) of .* need 2 stages of 1 GPUs each, every stage on one "
+                        r"node; what is free holds 0 \[.*\]; Serve places them when nodes come back or are added",
+                        pending), pending
+    assert asyncio.run(tokens(client, prompts[1], params)) == results[1]  # the other replica serves on

@@ -284,6 +284,9 @@ class StubBackend:
     async def target_replicas(self):
         return 1
 
+    async def pending(self, reporting):
+        return "" if reporting else "1 replica(s) starting (placement, shards, weights)"
+
     async def close(self):
         self.release.set()
 
@@ -329,11 +332,13 @@ def test_health_follows_replica_progress(smollm2_dir, tmp_path):
     try:
         c = Clients(rt.channel(), rt.router.admin_token)
         assert c.health_status() == NOT_SERVING and c.health_status("caravan.router") == SERVING
+        assert c.status().pending == "1 replica(s) starting (placement, shards, weights)"
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no replica is serving" in e.value.details()
         backend.reports = [FakeInfo("a", _stats()), FakeInfo("b", _stats())]
         c.wait_health(SERVING, timeout_s=2)
+        assert c.status().pending == ""
         c.wait_health(SERVING, "caravan.replica.b", timeout_s=2)
         backend.reports = [FakeInfo("a", _stats("rank 1 died")), FakeInfo("b", _stats(), progress_age_s=60)]
         c.wait_health(NOT_SERVING, timeout_s=2)

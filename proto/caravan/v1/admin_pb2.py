@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x61ravan/v1/admin.proto\x12\ncaravan.v1\"\x0f\n\rStatusRequest\"n\n\x0bShardStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x0f\n\x07node_ip\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\"\xd6\x03\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.caravan.v1.ReplicaState\x12\'\n\x06shards\x18\x03 \x03(\x0b\x32\x17.caravan.v1.ShardStatus\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\x12\r\n\x05steps\x18\x08 \x01(\x04\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x1b\n\x13last_progress_age_s\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x1b\n\x13prefix_cache_blocks\x18\x0c \x01(\r\x12\x1d\n\x15prefix_cache_requests\x18\r \x01(\x04\x12!\n\x19prefix_cache_hit_requests\x18\x0e \x01(\x04\x12\"\n\x1aprefix_cache_prompt_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x10 \x01(\x04\x12\x1e\n\x16prefix_cache_evictions\x18\x11 \x01(\x04\"\xa3\x01\n\x0eStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\x12\x17\n\x0freplicas_target\x18\x05 \x01(\r\x12+\n\x08replicas\x18\x06 \x03(\x0b\x32\x19.caravan.v1.ReplicaStatus\" \n\x0cScaleRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"A\n\rScaleResponse\x12\x17\n\x0freplicas_before\x18\x01 \x01(\r\x12\x17\n\x0freplicas_target\x18\x02 \x01(\r\"&\n\x0c\x44rainRequest\x12\x16\n\x0egrace_period_s\x18\x01 \x01(\x01\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r*g\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x01\x12\x1d\n\x19REPLICA_STATE_NOT_SERVING\x10\x02\x32\xc4\x01\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.caravan.v1.StatusRequest\x1a\x1a.caravan.v1.StatusResponse\x12<\n\x05Scale\x12\x18.caravan.v1.ScaleRequest\x1a\x19.caravan.v1.ScaleResponse\x12<\n\x05\x44rain\x12\x18.caravan.v1.DrainRequest\x1a\x19.caravan.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x61ravan/v1/admin.proto\x12\ncaravan.v1\"\x0f\n\rStatusRequest\"n\n\x0bShardStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x0f\n\x07node_ip\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\"\xd6\x03\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.caravan.v1.ReplicaState\x12\'\n\x06shards\x18\x03 \x03(\x0b\x32\x17.caravan.v1.ShardStatus\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\x12\r\n\x05steps\x18\x08 \x01(\x04\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x1b\n\x13last_progress_age_s\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x1b\n\x13prefix_cache_blocks\x18\x0c \x01(\r\x12\x1d\n\x15prefix_cache_requests\x18\r \x01(\x04\x12!\n\x19prefix_cache_hit_requests\x18\x0e \x01(\x04\x12\"\n\x1aprefix_cache_prompt_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x10 \x01(\x04\x12\x1e\n\x16prefix_cache_evictions\x18\x11 \x01(\x04\"\xb4\x01\n\x0eStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\x12\x17\n\x0freplicas_target\x18\x05 \x01(\r\x12+\n\x08replicas\x18\x06 \x03(\x0b\x32\x19.caravan.v1.ReplicaStatus\x12\x0f\n\x07pending\x18\x07 \x01(\t\" \n\x0cScaleRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"A\n\rScaleResponse\x12\x17\n\x0freplicas_before\x18\x01 \x01(\r\x12\x17\n\x0freplicas_target\x18\x02 \x01(\r\"&\n\x0c\x44rainRequest\x12\x16\n\x0egrace_period_s\x18\x01 \x01(\x01\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r*g\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x01\x12\x1d\n\x19REPLICA_STATE_NOT_SERVING\x10\x02\x32\xc4\x01\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.caravan.v1.StatusRequest\x1a\x1a.caravan.v1.StatusResponse\x12<\n\x05Scale\x12\x18.caravan.v1.ScaleRequest\x1a\x19.caravan.v1.ScaleResponse\x12<\n\x05\x44rain\x12\x18.caravan.v1.DrainRequest\x1a\x19.caravan.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'caravan.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPLICASTATE']._serialized_start=983
-  _globals['_REPLICASTATE']._serialized_end=1086
+  _globals['_REPLICASTATE']._serialized_start=1000
+  _globals['_REPLICASTATE']._serialized_end=1103
   _globals['_STATUSREQUEST']._serialized_start=38
   _globals['_STATUSREQUEST']._serialized_end=53
   _globals['_SHARDSTATUS']._serialized_start=55
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATUS']._serialized_start=168
   _globals['_REPLICASTATUS']._serialized_end=638
   _globals['_STATUSRESPONSE']._serialized_start=641
-  _globals['_STATUSRESPONSE']._serialized_end=804
-  _globals['_SCALEREQUEST']._serialized_start=806
-  _globals['_SCALEREQUEST']._serialized_end=838
-  _globals['_SCALERESPONSE']._serialized_start=840
-  _globals['_SCALERESPONSE']._serialized_end=905
-  _globals['_DRAINREQUEST']._serialized_start=907
-  _globals['_DRAINREQUEST']._serialized_end=945
-  _globals['_DRAINRESPONSE']._serialized_start=947
-  _globals['_DRAINRESPONSE']._serialized_end=981
-  _globals['_ADMIN']._serialized_start=1089
-  _globals['_ADMIN']._serialized_end=1285
+  _globals['_STATUSRESPONSE']._serialized_end=821
+  _globals['_SCALEREQUEST']._serialized_start=823
+  _globals['_SCALEREQUEST']._serialized_end=855
+  _globals['_SCALERESPONSE']._serialized_start=857
+  _globals['_SCALERESPONSE']._serialized_end=922
+  _globals['_DRAINREQUEST']._serialized_start=924
+  _globals['_DRAINREQUEST']._serialized_end=962
+  _globals['_DRAINRESPONSE']._serialized_start=964
+  _globals['_DRAINRESPONSE']._serialized_end=998
+  _globals['_ADMIN']._serialized_start=1106
+  _globals['_ADMIN']._serialized_end=1302
 # @@protoc_insertion_point(module_scope)
