@@ -13,7 +13,7 @@ import torch
 from cluster.config import ServeConfig
 from shard.config import ModelConfig
 from shard.layout import Layout
-from shard.plan import RankPlan, plan_replica
+from shard.plan import RankPlan, as_fp8, plan_replica
 from tests.conftest import SHARED
 from tests.helm.chart import EXAMPLES, VALUE_SETS, Helm, app_args, values
 
@@ -26,7 +26,8 @@ MODELS: dict[str | None, Path | str] = {
     "llama-3.1-405b-fp8-1x8xh100.yaml": LLAMA_405B,
     "smollm2-cpu.yaml": DEMO,
 }
-SKIPS = {"llama-3.1-405b-fp8-1x8xh100.yaml": "FP8 weights need the 405B planner issue"}
+# Values sets whose checkpoint is Meta's FP8 one: planned from the BF16 fixture with Meta's FP8 recipe.
+FP8 = {"llama-3.1-405b-fp8-1x8xh100.yaml"}
 # Of a GPU: the CUDA context, activations and NCCL's buffers take the rest. Of a CPU worker's memory
 # per shard: a Python process with torch and Ray takes hundreds of MB besides its tensors.
 GPU_HEADROOM, CPU_HEADROOM = 0.9, 0.5
@@ -46,8 +47,9 @@ def quantity(text: str) -> int:
 
 
 @lru_cache
-def plan(folder: Path, tp: int, pp: int, dtype: torch.dtype) -> list[RankPlan]:
-    return plan_replica(ModelConfig.from_pretrained(folder), Layout(tp, pp), dtype=dtype)
+def plan(folder: Path, tp: int, pp: int, dtype: torch.dtype, fp8: bool = False) -> list[RankPlan]:
+    cfg = ModelConfig.from_pretrained(folder)
+    return plan_replica(as_fp8(cfg) if fp8 else cfg, Layout(tp, pp), dtype=dtype)
 
 
 def test_every_example_has_a_model() -> None:
@@ -56,14 +58,12 @@ def test_every_example_has_a_model() -> None:
 
 @pytest.mark.parametrize("example", VALUE_SETS)
 def test_layout_fits_the_device(helm: Helm, example: str | None, request: pytest.FixtureRequest) -> None:
-    if example in SKIPS:
-        pytest.skip(SKIPS[example])
     config = ServeConfig.from_dict(app_args(helm.render(example)))
     v = values(example)
     model = MODELS[example]
     assert (config.model.path is None) == (model == DEMO)
     folder = request.getfixturevalue("smollm2_dir") if model == DEMO else model
-    plans = plan(Path(folder), config.layout.tp, config.layout.pp, config.model.torch_dtype)
+    plans = plan(Path(folder), config.layout.tp, config.layout.pp, config.model.torch_dtype, example in FP8)
 
     kv = config.kv_cache.memory_per_shard
     needed = max(p.weight_bytes for p in plans) + kv
