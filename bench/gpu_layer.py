@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from shard import kernels  # noqa: E402
 from shard.attention import AttentionMetadata  # noqa: E402
 from shard.config import ModelConfig  # noqa: E402
+from shard.gpus import gpu_for_device  # noqa: E402
 from shard.layout import Layout  # noqa: E402
 from shard.model import LlamaStage  # noqa: E402
 from shard.parallel import ParallelContext  # noqa: E402
@@ -191,6 +192,20 @@ def installed(package: str) -> str | None:
         return None
 
 
+def efficiency(result: dict) -> dict:
+    """What `caravan plan` reads (`shard.planner.load_measured`): the fraction of the roofline decode
+    reached at each batch, at the shortest context and in the fastest way measured (serving replays
+    graphs where it can), and the fraction of the GEMM rate of the first prefill."""
+    context = min(r["context"] for r in result["decode"])
+    best: dict[str, float] = {}
+    for r in result["decode"]:
+        if r["context"] == context:
+            key = str(r["batch"])
+            best[key] = max(best.get(key, 0.0), min(1.0, r["pct_of_roofline"] / 100))
+    prefill = min(1.0, result["prefill"][0]["pct_of_gemm_rate"] / 100)
+    return {"bf16": {"decode_roofline_fraction": best, "prefill_gemm_fraction": prefill, "context": context}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in seconds")
@@ -251,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['pct_of_gemm_rate']:.0f}% of the GEMM rate")
     kernels.use_triton(previous)
     del model
+    gpu = gpu_for_device(result["device"])
+    result["gpu"] = gpu.name if gpu else None
+    result["efficiency"] = efficiency(result)
     result["greedy_fp32_vs_transformers"] = greedy_check(device, greedy_tokens)
     print("greedy fp32 vs transformers:", result["greedy_fp32_vs_transformers"])
     out = args.out or REPO / "bench" / "results" / f"gpu_layer-{time.strftime('%Y%m%d-%H%M%S')}.json"

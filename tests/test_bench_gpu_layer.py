@@ -28,3 +28,13 @@ def test_smoke_run_writes_every_measurement(tmp_path):
     assert [r["tokens"] for r in result["prefill"]] == [[32], [64], [16] * 4]
     assert all(r["pct_of_gemm_rate"] > 0 for r in result["prefill"])
     assert result["greedy_fp32_vs_transformers"]["match"] is True
+    # The block `caravan plan` reads; a smoke run's own file is skipped by the planner, so read it as a GPU's.
+    block = result["efficiency"]["bf16"]
+    assert set(block["decode_roofline_fraction"]) == {"1", "4"} and 0 < block["prefill_gemm_fraction"] <= 1
+    from shard.gpus import GPUS
+    from shard.planner import load_measured
+    as_gpu = tmp_path / "results"
+    as_gpu.mkdir()
+    (as_gpu / "gpu_layer-1.json").write_text(json.dumps({**result, "smoke": False, "gpu": "h200"}))
+    measured = load_measured(as_gpu, GPUS["h200"], "bf16")
+    assert measured is not None and measured.decode == {int(k): v for k, v in block["decode_roofline_fraction"].items()}
