@@ -23,6 +23,8 @@ from cluster.engine import Engine
 from cluster.placement import ShardPlace, assign_ranks, cluster_nodes, format_places
 from cluster.tokenizer import checkpoint_eos_ids
 from shard.config import ModelConfig
+from shard.graphs import graph_memory_bound
+from shard.worker import GRAPH_MAX_CONTEXT
 from shard.layout import Layout, model_stage_layers
 from shard.model import kv_heads_per_rank
 
@@ -33,9 +35,11 @@ class ReplicaStartError(RuntimeError):
     """A replica could not start; the message names the rank and node that failed."""
 
 
-def kv_blocks(cfg: ServeConfig, model: ModelConfig) -> int:
+def kv_blocks(cfg: ServeConfig, model: ModelConfig, gpu: bool = False) -> int:
     """KV blocks every shard allocates: what fits in `memory_per_shard` on the rank holding the
-    most layers (block ids are shared by all stages, so every rank allocates the same count)."""
+    most layers (block ids are shared by all stages, so every rank allocates the same count). On
+    GPUs with `shard.cuda_graphs`, the graphs' memory comes out of that budget first
+    (`shard.graphs.graph_memory_bound`)."""
     kv = cfg.kv_cache
     if kv.num_blocks is not None:
         return kv.num_blocks
@@ -43,11 +47,21 @@ def kv_blocks(cfg: ServeConfig, model: ModelConfig) -> int:
     layers = max(len(model_stage_layers(model, layout.pp, s)) for s in range(layout.pp))
     itemsize = cfg.model.torch_dtype.itemsize
     per_block = 2 * layers * kv.block_size * kv_heads_per_rank(model, layout.tp) * model.head_dim * itemsize
-    blocks = kv.memory_per_shard // per_block
+    graphs = graph_reserve(cfg, model, gpu)
+    blocks = (kv.memory_per_shard - graphs) // per_block
     if blocks < 1:
-        raise ReplicaStartError(f"kv_cache.memory_per_shard ({kv.memory_per_shard} bytes) holds no block of "
+        reserve = f", less {graphs} bytes for the CUDA graphs (shard.cuda_graphs)," if graphs else ""
+        raise ReplicaStartError(f"kv_cache.memory_per_shard ({kv.memory_per_shard} bytes){reserve} holds no block of "
                                 f"{per_block} bytes; raise it or lower kv_cache.block_size")
     return blocks
+
+
+def graph_reserve(cfg: ServeConfig, model: ModelConfig, gpu: bool) -> int:
+    """Bytes of `kv_cache.memory_per_shard` the decode graphs may take on each GPU shard."""
+    if not (gpu and cfg.shard.cuda_graphs and cfg.shard.device != "cpu"):
+        return 0
+    context = min(GRAPH_MAX_CONTEXT, model.max_position_embeddings)
+    return graph_memory_bound(model, cfg.layout.tp, cfg.scheduler.max_num_seqs, context, cfg.model.torch_dtype)
 
 
 @dataclass
@@ -196,7 +210,7 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     """Starts the shards in bundles 1..world of `pg` (bundle 0 holds the caller) and their engine."""
     layout = Layout(cfg.layout.tp, cfg.layout.pp)
     model = ModelConfig.from_pretrained(model_dir)
-    num_blocks = kv_blocks(cfg, model)
+    num_blocks = kv_blocks(cfg, model, gpu=resource == "GPU")
     bundle_nodes = {int(b): n for b, n in placement_group_table(pg)["bundles_to_node_id"].items()}
     places = assign_ranks(layout, bundle_nodes, {n.node_id: n.ip for n in cluster_nodes()})
     replica = RayReplica(name, places, [], None, num_blocks, cfg, model_dir, pg, resource)

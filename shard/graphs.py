@@ -35,6 +35,24 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
+def graph_memory_bound(cfg, tp: int, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
+    """An upper bound of what the graphs of a stage hold on one TP rank, known before any is captured,
+    so that the KV budget can leave room for them: all buckets share one pool, which the largest
+    bucket's step fills. That step keeps at most a layer's working set at once (a handful of
+    [batch, widest projection] tensors; eight are counted), the decode attention's per-split
+    partials (float32), the static buffers, and on the last stage the full-vocabulary logits."""
+    heads = cfg.num_heads // tp
+    kv_heads = max(1, cfg.num_kv_heads // tp)
+    widest = max(cfg.hidden_size, (heads + 2 * kv_heads) * cfg.head_dim, 2 * cfg.intermediate_size // tp)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    splits = -(-max_context // 512)
+    activations = 8 * max_batch * widest * itemsize
+    attention = max_batch * heads * splits * (cfg.head_dim + 1) * 4
+    buffers = max_batch * (cfg.hidden_size * itemsize + 8 * (3 + max_context // 16 + 1))
+    logits = max_batch * cfg.vocab_size * 4 * 2
+    return activations + attention + buffers + logits
+
+
 def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
     """The smallest bucket that holds `rows`, or None above the largest."""
     i = bisect.bisect_left(buckets, rows)

@@ -12,6 +12,7 @@ KV cache then holds one more block than `num_blocks`, for the graphs' padding ro
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from shard.attention import AttentionMetadata
 from shard import kernels
 from shard.config import ModelConfig
-from shard.graphs import CudaGraphBackend, DecodeGraphRunner, GraphBackend
+from shard.graphs import CudaGraphBackend, DecodeGraphRunner, GraphBackend, graph_memory_bound
 from shard.loader import Checkpoint, LoadReport, load_weights
 from shard.model import LlamaStage
 from shard.parallel import ParallelContext
@@ -52,6 +53,7 @@ class StepOutput:
     logits: torch.Tensor | None = None                       # [sampled seqs, vocab], in seqs order
 
 
+log = logging.getLogger(__name__)
 GRAPH_MAX_CONTEXT = 8192   # longer contexts decode eagerly: the graphs' block tables (and splits) stay this wide
 
 
@@ -82,6 +84,11 @@ class ShardWorker:
                 self.model, self.cache, graph_backend, max_batch=graph_max_batch, pad_block=num_blocks,
                 max_context=min(GRAPH_MAX_CONTEXT, self.cfg.max_position_embeddings, num_blocks * block_size))
             self.graph_memory_bytes = graph_backend.memory_bytes()
+            bound = graph_memory_bound(self.cfg, ctx.tp_size, graph_max_batch, self.graphs.max_context, dtype)
+            if self.graph_memory_bytes > bound:
+                log.warning("the CUDA graphs hold %d bytes, more than the %d bytes the KV budget left for them "
+                            "(shard.graphs.graph_memory_bound): lower kv_cache.memory_per_shard by the difference",
+                            self.graph_memory_bytes, bound)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
