@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table
@@ -73,9 +73,12 @@ class RepairReport:
     phases: dict[str, float]
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
         return (f"ranks {self.replaced} replaced, {len(self.kept)} kept their weights; "
-                f"{sum(self.phases.values()):.1f} s ({parts})")
+                f"{sum(self.phases.values()):.1f} s ({phases(self.phases)})")
+
+
+def phases(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
 
 
 @dataclass
@@ -89,6 +92,7 @@ class RayReplica:
     model_dir: str
     pg: PlacementGroup
     resource: str
+    startup: dict[str, float] = field(default_factory=dict)   # seconds per phase of `start_replica`
 
     @property
     def names(self) -> list[str]:
@@ -219,14 +223,21 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     start = time.monotonic()
     deadline = start + cfg.timeouts.setup_s
     try:
+        # Their processes first (Python, torch, this package): the part of a start that does not grow with
+        # the model, timed apart from the part that does.
+        ready = {a.where.remote(): p for a, p in zip(replica.actors, places)}
+        _run(_await_setup(name, ready, deadline, "timeouts.setup_s", cfg.timeouts.setup_s))
+        replica.startup["shard processes up"] = time.monotonic() - start
         host, port = ray.get(replica.actors[0].open_store.remote(), timeout=cfg.timeouts.setup_s)
         calls = {a.setup.remote(host, port): p for a, p in zip(replica.actors, places)}
         _run(_await_setup(name, calls, deadline, "timeouts.setup_s", cfg.timeouts.setup_s))
+        replica.startup["process groups, weights, KV"] = time.monotonic() - start - replica.startup["shard processes up"]
     except BaseException:
         replica.kill()
         raise
-    log.info("%s: %s up in %.1f s, %d KV blocks of %d tokens per shard\n%s", name, layout,
-             time.monotonic() - start, num_blocks, cfg.kv_cache.block_size, format_places(places))
+    log.info("%s: %s up in %.1f s (%s), %d KV blocks of %d tokens per shard\n%s", name, layout,
+             time.monotonic() - start, phases(replica.startup), num_blocks, cfg.kv_cache.block_size,
+             format_places(places))
     eos = checkpoint_eos_ids(model_dir)
     replica.engine = Engine(RayExecutor(replica.actors, replica.names, layout), model, eos, num_blocks=num_blocks,
                             block_size=cfg.kv_cache.block_size, lanes=layout.pp,

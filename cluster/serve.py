@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import AsyncIterator
 
+import psutil
 import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -38,7 +39,7 @@ from cluster.app import DEPLOYMENT
 from cluster.config import ServeConfig
 from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable, probe
 from cluster.placement import ENGINE_BUNDLE, ShardPlace, cluster_nodes, replica_bundles, shard_resource
-from cluster.replica import start_replica
+from cluster.replica import phases, start_replica
 from cluster.routing import PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, CapacityRouter, routing_stats
 from cluster.scheduler import TokenUpdate
 from shard.layout import Layout
@@ -57,6 +58,7 @@ class ReplicaInfo:
     progress_age_s: float          # at report time: since the engine last completed a step (or a probe)
     shard_healthy: list[bool]      # one per entry of `shards`, from the last health check
     report_age_s: float = 0.0      # filled by `Registry.infos`: how long ago this was reported
+    startup: str | None = None     # where the replica's start went, phase by phase
     repairs: int = 0               # in-place repairs since the replica started
     last_repair: str | None = None # what the last one replaced and where its time went
 
@@ -91,10 +93,13 @@ class Registry:
 
 class ReplicaServer:
     def __init__(self, config: ServeConfig, model_dir: str, resource: str):
+        # Since Serve started this process: Python, Ray Serve, torch and this package imported.
+        started = {"replica process up": max(0.0, time.time() - psutil.Process().create_time())}
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.config = config
         self.replica = start_replica(config, model_dir, get_current_placement_group(), f"{config.name}-{replica_id}",
                                      resource)
+        self.startup = phases({**started, **self.replica.startup})
         self.engine = self.replica.engine
         self.engine.on_failure = self._start_repair
         self.shard_healthy = [True] * len(self.replica.actors)  # start_replica waited on every shard's setup
@@ -140,7 +145,8 @@ class ReplicaServer:
     def _info(self) -> ReplicaInfo:
         return ReplicaInfo(self.replica.name, self.replica.places, self.engine.stats(),
                            progress_age_s=time.monotonic() - self.engine.last_progress,
-                           shard_healthy=list(self.shard_healthy), repairs=self.repairs, last_repair=self.last_repair)
+                           shard_healthy=list(self.shard_healthy), startup=self.startup, repairs=self.repairs,
+                           last_repair=self.last_repair)
 
     async def check_health(self) -> None:
         """Reports, then raises (so that Serve replaces this replica) if it cannot serve and cannot

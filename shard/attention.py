@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from shard import kernels
 
@@ -158,6 +157,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: in
     if gqa and q.is_cuda and q.dtype == torch.float32:
         k4, v4 = (t.repeat_interleave(heads // k.shape[1], dim=1) for t in (k4, v4))
         gqa = False
-    mask = causal_lower_right(qlen, ctx + qlen) if ctx else None
+    mask = _lower_right_causal(qlen, ctx, q.device) if ctx else None
     o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=not ctx, scale=scale, enable_gqa=gqa)
     return o[0].transpose(0, 1)
+
+
+def _lower_right_causal(qlen: int, ctx: int, device: torch.device):
+    """The mask of a chunk after `ctx` cached tokens: query i sees keys 0 .. ctx + i. On CUDA it is
+    PyTorch's lower-right causal bias, which the flash kernel takes; imported here, not at module
+    load, because it pulls in torch._dynamo (1.3 s of every shard process's start on CPU). On CPU a
+    boolean mask, which every CPU kernel takes."""
+    if device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+        return causal_lower_right(qlen, ctx + qlen)
+    return torch.ones(qlen, ctx + qlen, dtype=torch.bool, device=device).tril(diagonal=ctx)

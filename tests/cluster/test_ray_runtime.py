@@ -273,7 +273,7 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     ray_cluster.wait_for_nodes()
     cfg = config(layout={"tp": 1, "pp": 2}, replicas=2)
     client = up(cfg, model_dir)
-    infos = asyncio.run(client.infos())
+    infos = before = asyncio.run(client.infos())
     victim = infos[0]
     node_ids = {p.node_id for p in victim.shards}
     others = {p.node_id for i in infos[1:] for p in i.shards}
@@ -302,7 +302,11 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
         time.sleep(0.5)
     else:
         pytest.fail(f"no replica took {victim.name}'s place: {asyncio.run(client.infos())}")
-    print(f"a replica replaced the one on the removed node {time.monotonic() - removed:.1f} s after the removal")
+    (new,) = [i for i in infos if i.name not in {v.name for v in before}]
+    print(f"a replica replaced the one on the removed node {time.monotonic() - removed:.1f} s after the removal; its "
+          f"start: {new.startup}")
+    assert re.fullmatch(r"replica process up [\d.]+ s, shard processes up [\d.]+ s, process groups, weights, KV "
+                        r"[\d.]+ s", new.startup), new.startup
     assert all(p.node_id not in node_ids for i in infos for p in i.shards)
     assert asyncio.run(tokens(client, prompts[0], params)) == want[0]
 
