@@ -59,7 +59,8 @@ def ray_cluster(config: ServeConfig) -> Iterator[tuple[str, str | None]]:
     from ray.cluster_utils import Cluster
     local = config.local_cluster
     gpus = local.gpus_for(config.layout, config.replicas)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port()})
     try:
         for i in range(local.nodes):
             cluster.add_node(num_cpus=local.cpus_per_node, num_gpus=gpus)
@@ -175,6 +176,19 @@ async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens:
     return await asyncio.to_thread(client.run, "serve", where, ask, token_file=Path(endpoint["token_file"]),
                                    tls_ca=Path(endpoint["tls_cert_file"]) if endpoint["tls_cert_file"] else None,
                                    err=sys.stderr)
+
+
+def dashboard_port(preferred: int = 8265) -> int:
+    """Ray's usual dashboard port, or a free one when something (another local Ray cluster) holds it:
+    the dashboard's URL is printed either way."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -4,6 +4,7 @@ the demo answers a chat prompt through a local two-node Ray cluster."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -46,8 +47,17 @@ def test_a_layout_larger_than_the_cluster_names_what_is_missing(tmp_path, smollm
 def test_the_demo_answers_a_chat_prompt_through_the_cluster(tmp_path, smollm2_dir):
     path = tmp_path / "cluster.yaml"
     path.write_text("layout: {tp: 1, pp: 2}\nrouter: {port: 0, metrics_port: 0}\n")
-    result = serve(str(path), "--once", "What is the capital of France?", "--max-tokens", "12")
+    # Ray's usual dashboard port taken (another local cluster, say): the local cluster's dashboard takes another.
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", 8265))
+            holder.listen()
+        except OSError:
+            pass  # something else holds it already: the same case
+        result = serve(str(path), "--once", "What is the capital of France?", "--max-tokens", "12")
     assert result.returncode == 0, result.stderr[-3000:]
+    dashboard = re.search(r"dashboard [\w.]+:(\d+)", result.stderr)
+    assert dashboard and dashboard[1] != "8265", result.stderr[-2000:]
     assert "Paris" in result.stdout
     assert "stage" in result.stderr and "serving smollm2-135m-instruct as 1 replica(s) of TP 1 x PP 2" in result.stderr
     assert "router: caravan.v1 on 127.0.0.1:" in result.stderr
