@@ -76,6 +76,22 @@ async def tokens(client: ReplicaClient, prompt, params=GREEDY, delay_s=0.0) -> l
     return [u.sample.token_id async for u in client.generate(prompt, params)]
 
 
+def under_load(client: ReplicaClient, prompts: list[list[int]], params: SamplingParams, spacing_s: float,
+               fault) -> tuple[list[list[int]], float]:
+    """Sends `prompts`, one every `spacing_s`; 0.6 s in, runs `fault()` (in a thread). Returns every
+    request's tokens and when the fault struck."""
+    async def load():
+        async def one(i):
+            await asyncio.sleep(spacing_s * i)
+            return await tokens(client, prompts[i], params)
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+        await asyncio.sleep(0.6)
+        struck = time.monotonic()
+        await asyncio.to_thread(fault)
+        return await asyncio.gather(*tasks), struck
+    return asyncio.run(load())
+
+
 def test_tp2_pp2_stages_on_their_own_nodes_and_output_equals_the_reference(app, model_dir):
     client = up(config(), model_dir)
     prompts = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 47))]
@@ -120,20 +136,13 @@ def test_a_dead_or_stuck_shard_is_repaired_in_place_and_no_request_fails(app, mo
     prompts = [[3 + i, 4, 5] for i in range(24)]
     want = [asyncio.run(tokens(client, p, params)) for p in prompts[:4]]
 
-    async def load():
-        async def one(i):
-            await asyncio.sleep(0.05 * i)
-            return await tokens(client, prompts[i], params)
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
-        await asyncio.sleep(0.6)
-        killed = time.monotonic()
+    def strike():
         if fault == "kill":
             ray.kill(shard)
         else:
             shard.__ray_call__.remote(lambda actor: time.sleep(60))
-        return await asyncio.gather(*tasks), killed
 
-    results, killed = asyncio.run(load())
+    results, killed = under_load(client, prompts, params, 0.05, strike)
     # No request failed: those without a token were retried, those mid-stream resumed; greedy
     # output is the same as without the fault.
     assert all(len(r) == 24 for r in results)
@@ -283,17 +292,7 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     prompts = [[30 + i, 4, 5] for i in range(16)]
     want = [asyncio.run(tokens(client, p, params)) for p in prompts[:3]]
 
-    async def load():
-        async def one(i):
-            await asyncio.sleep(0.1 * i)
-            return await tokens(client, prompts[i], params)
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
-        await asyncio.sleep(0.6)
-        await asyncio.to_thread(ray_cluster.remove_node, node)
-        return await asyncio.gather(*tasks)
-
-    removed = time.monotonic()
-    results = asyncio.run(load())
+    results, removed = under_load(client, prompts, params, 0.1, lambda: ray_cluster.remove_node(node))
     assert all(len(r) == 24 for r in results) and results[:3] == want  # nothing failed, output unchanged
     while time.monotonic() < removed + 60:
         infos = asyncio.run(client.infos())
