@@ -5,10 +5,10 @@ Each iteration takes the scheduler's next batch for every idle lane, hands it to
 tokens to their requests. With PP stages there are as many lanes as stages, so while stage 1
 runs batch A, stage 0 already runs batch B.
 
-A step that fails or runs past `step_timeout_s` fails the engine for good: every request gets
+A step that fails or runs past `step_timeout_s` fails the engine: every request gets
 `ReplicaFailed` (marked retryable when it has produced no token yet, so a caller can send it to
-another replica), and new requests get `ReplicaUnavailable`. The replica is then rebuilt by
-whoever owns it (Ray Serve, through the health check).
+another replica), and new requests get `ReplicaUnavailable`, until whoever owns the replica has
+repaired its shards and calls `resume()` (`cluster.serve.ReplicaServer`; `on_failure` tells it).
 
 API, for the router and for tests: `generate(prompt_ids, params)` is an async iterator of
 `TokenUpdate`s; leaving it early (break, cancellation, client gone) aborts the sequence, whose

@@ -4,17 +4,20 @@ health checks, restarts, scaling from the dashboard); each replica runs an engin
 A replica's placement group is bundle 0 for the replica itself (the engine: scheduling and
 streaming only) plus one bundle per shard. Health has two tiers: while steps complete, they prove
 every shard works (each step waits on all of them); an idle replica pings every shard and runs a
-one-token probe through its engine. `check_health` fails when the engine has failed (a dead shard or
-a step past its timeout), a ping or the probe fails; Serve then kills the replica, whose shards die
-with it, and starts a fresh one. Each check reports to the `Registry` first, so status shows why.
+one-token probe through its engine. When the engine fails (a dead shard, a step past its timeout)
+or a ping or the probe fails, the replica repairs itself in place (`RayReplica.repair`: new shards
+for the lost ranks only) while its health check still passes; only a repair that fails within
+`timeouts.repair_s` fails the check, and Serve then kills the replica, whose shards die with it, and
+starts a fresh one. Each check reports to the `Registry` first, so status shows why.
 
 Requests go to the replica with the most free KV capacity (`cluster.routing`). The replica count
 changes in place (`cluster.app.set_replicas`, or a dashboard PUT): Serve adds or removes replicas and
 leaves the others running; one being removed gets no new requests and finishes its in-flight ones.
 
 `ReplicaClient` is the in-process API over the deployment that the router uses: it streams a
-request's tokens, sends a request that failed before its first token to another replica, and
-cancels the request on its replica when the caller stops reading.
+request's tokens, sends a request whose replica failed again (resuming after the tokens it had
+streamed) within `router.wait_for_replica_s`, and cancels the request on its replica when the
+caller stops reading.
 """
 
 from __future__ import annotations
@@ -115,9 +118,9 @@ class ReplicaServer:
             yield update
 
     def _start_repair(self, reason: str) -> None:
-        """The engine failed (a shard died, a step hung): every sequence has ended (those without a
-        token are retried elsewhere by `ReplicaClient`). Repairs the shards in place; Serve's
-        health check keeps passing meanwhile, and the engine says it is out of service."""
+        """The engine failed (a shard died, a step hung): every sequence has ended (`ReplicaClient`
+        sends each request again, resuming those that had streamed tokens). Repairs the shards in
+        place; Serve's health check keeps passing meanwhile, and the engine says it is out of service."""
         if self._repair_task is None or self._repair_task.done():
             self._repair_task = asyncio.get_running_loop().create_task(self._repair(reason),
                                                                        name=f"{self.replica.name}-repair")
@@ -134,8 +137,7 @@ class ReplicaServer:
             log.error("%s: %s; Serve will replace the replica", name, self._given_up)
             self.replica.kill()
             return
-        finally:
-            self.shard_healthy = [True] * len(self.replica.actors)
+        self.shard_healthy = [True] * len(self.replica.actors)
         self.repairs += 1
         self.last_repair = str(report)
         self.engine.resume()
