@@ -137,11 +137,13 @@ class Engine:
         return (self.failed is None and s.num_running == s.num_waiting == 0
                 and time.monotonic() - self.last_progress > quiet_s)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       output_offset: int = 0) -> AsyncIterator[TokenUpdate]:
+        """`output_offset`: see `Scheduler.add` (a request resumed after its replica failed)."""
         if self.failed is not None:
             raise ReplicaUnavailable(f"{self.name} is out of service: {self.failed}")
         seq_id = next(self._ids)
-        self.sched.add(seq_id, prompt_ids, params)
+        self.sched.add(seq_id, prompt_ids, params, output_offset)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[seq_id], self._produced[seq_id] = queue, 0
         self._ensure_loop()

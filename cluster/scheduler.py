@@ -193,6 +193,7 @@ class Sequence:
     lane: int
     arrival: int                                  # order of add(); smaller is older
     output_ids: list[int] = field(default_factory=list)
+    output_offset: int = 0                        # output tokens produced before `prompt_ids` ended (a resume)
     num_computed: int = 0                         # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     chain: list[int] = field(default_factory=list)  # hash chain of its full blocks (`block_hashes`)
@@ -300,8 +301,11 @@ class Scheduler:
     def has_work(self, lane: int) -> bool:
         return bool(self._waiting[lane] or self._running[lane])
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queues a sequence; raises RequestError when it could never run on this replica."""
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, output_offset: int = 0) -> None:
+        """Queues a sequence; raises RequestError when it could never run on this replica.
+        `output_offset`: tokens of this request's output already produced elsewhere (a request
+        resumed after its replica failed; they end `prompt_ids`), so that seeded sampling goes on
+        where it stopped."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} is already scheduled")
         check_request(prompt_ids, params, self.max_model_len, self.vocab_size)
@@ -311,7 +315,7 @@ class Scheduler:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
                                f"{pool.blocks_for(total)} KV blocks, more than the {pool.num_blocks} of one batch "
                                f"lane; lower max_tokens or give the replica more KV memory")
-        seq = Sequence(seq_id, list(prompt_ids), params, 0, self._arrivals)
+        seq = Sequence(seq_id, list(prompt_ids), params, 0, self._arrivals, output_offset=output_offset)
         if self.prefix_caching:
             block_hashes(seq.prompt_ids, self.block_size, seq.chain)
         # The least busy lane, or one at most one sequence busier that holds more of the prompt
@@ -383,7 +387,7 @@ class Scheduler:
             start, tokens = seq.num_computed, seq.token_ids
             done = start + n == len(tokens)
             chunks.append(SeqChunk(seq.seq_id, tokens[start:start + n], start, list(seq.block_table),
-                                   seq.params if done else None, len(seq.output_ids)))
+                                   seq.params if done else None, seq.output_offset + len(seq.output_ids)))
             seq.num_computed += n
             seq.in_flight = True
         return Batch(lane, [s for s, _ in chosen], StepInput(chunks))

@@ -113,8 +113,15 @@ class ReplicaServer:
         self.registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
         self.registry.report.remote(self._info())
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
-        async for update in self.engine.generate(prompt_ids, params):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       output_offset: int = 0) -> AsyncIterator[TokenUpdate]:
+        repair = self._repair_task
+        if repair is not None and not repair.done():
+            # Routed here while the shards are being repaired (the only replica, or a stale report): wait
+            # for the repair rather than fail at once, so that the request starts as soon as it is done.
+            await asyncio.wait({repair}, timeout=min(self.config.timeouts.repair_s,
+                                                     self.config.router.wait_for_replica_s))
+        async for update in self.engine.generate(prompt_ids, params, output_offset):
             yield update
 
     def _start_repair(self, reason: str) -> None:
@@ -264,14 +271,14 @@ class ReplicaClient:
         of service while it repairs itself) goes to a replica again, with a growing pause, for up
         to `wait_s` (`router.wait_for_replica_s`) in all. One that had streamed tokens resumes: the
         prompt goes again with the tokens already streamed appended and the rest of its max_tokens,
-        so the caller sees one unbroken stream (greedy output is the same token for token; a seeded
-        sample after the failure is drawn afresh). Leaving early (closing this iterator, or
+        and seeded sampling goes on at the same output index: the caller sees one unbroken stream,
+        the same tokens as without the failure. Leaving early (closing this iterator, or
         cancelling its task) cancels the request on its replica, which aborts the sequence and frees
         its KV blocks."""
         start, streamed = time.monotonic(), []
         for attempt in itertools.count(1):
             ids, rest = prompt_ids + streamed, replace(params, max_tokens=params.max_tokens - len(streamed))
-            stream = self.handle.options(stream=True).generate.remote(ids, rest)
+            stream = self.handle.options(stream=True).generate.remote(ids, rest, len(streamed))
             try:
                 async for update in stream:
                     streamed.append(update.sample.token_id)

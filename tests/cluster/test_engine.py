@@ -5,6 +5,7 @@ requests."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextvars
 import random
 import time
@@ -158,6 +159,35 @@ def test_a_failed_or_stuck_step_fails_every_request_and_refuses_new_ones(worker,
     assert any(r.retryable for r in results[1:])         # those that never ran can go elsewhere
     assert ("step timeout" in str(results[0])) == hang
     assert stats.failed and stats.free_blocks == stats.num_blocks
+
+
+def test_a_failed_engine_resumes_clean_and_a_resumed_request_continues_its_seeded_stream(worker):
+    """What a replica's in-place repair relies on: after `resume()` the engine serves again from an
+    empty slate, and a request sent again with the tokens it had streamed (and their count as
+    `output_offset`) samples the same tokens as the uninterrupted request."""
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
+
+    async def run():
+        engine = Engine(FailingExecutor(worker, ok_steps=3, hang=False), worker.cfg, frozenset(), num_blocks=64,
+                        block_size=4, max_num_seqs=4, max_tokens_per_step=16, step_timeout_s=5)
+        failures = []
+        engine.on_failure = failures.append
+        streamed = []
+        with pytest.raises(ReplicaFailed):
+            async for u in engine.generate([5, 6, 7], seeded):
+                streamed.append(u.sample.token_id)
+        assert engine.failed and len(failures) == 1 and 0 < len(streamed) < 24
+        engine.executor = LocalExecutor(worker)  # the shards repaired
+        engine.resume()
+        assert engine.failed is None and engine.stats().free_blocks == engine.stats().num_blocks
+        rest = dataclasses.replace(seeded, max_tokens=24 - len(streamed))
+        resumed = [u.sample.token_id async for u in engine.generate([5, 6, 7] + streamed, rest, len(streamed))]
+        whole = [u.sample.token_id async for u in engine.generate([5, 6, 7], seeded)]
+        await engine.close()
+        return streamed + resumed, whole
+
+    stitched, whole = asyncio.run(run())
+    assert stitched == whole
 
 
 def test_a_probe_is_one_real_step_that_moves_progress_and_fails_with_the_engine(worker):

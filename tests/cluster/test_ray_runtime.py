@@ -76,15 +76,15 @@ async def tokens(client: ReplicaClient, prompt, params=GREEDY, delay_s=0.0) -> l
     return [u.sample.token_id async for u in client.generate(prompt, params)]
 
 
-def under_load(client: ReplicaClient, prompts: list[list[int]], params: SamplingParams, spacing_s: float,
+def under_load(client: ReplicaClient, requests: list[tuple[list[int], SamplingParams]], spacing_s: float,
                fault) -> tuple[list[list[int]], float]:
-    """Sends `prompts`, one every `spacing_s`; 0.6 s in, runs `fault()` (in a thread). Returns every
-    request's tokens and when the fault struck."""
+    """Sends `requests` (prompt, params), one every `spacing_s`; 0.6 s in, runs `fault()` (in a
+    thread). Returns every request's tokens and when the fault struck."""
     async def load():
         async def one(i):
             await asyncio.sleep(spacing_s * i)
-            return await tokens(client, prompts[i], params)
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+            return await tokens(client, *requests[i])
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
         await asyncio.sleep(0.6)
         struck = time.monotonic()
         await asyncio.to_thread(fault)
@@ -133,8 +133,10 @@ def test_a_dead_or_stuck_shard_is_repaired_in_place_and_no_request_fails(app, mo
     victim = before[0].name
     shard = ray.get_actor(f"{victim}-stage1-tp0")
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    prompts = [[3 + i, 4, 5] for i in range(24)]
-    want = [asyncio.run(tokens(client, p, params)) for p in prompts[:4]]
+    seeded = SamplingParams(temperature=0.9, seed=7, max_tokens=24, ignore_eos=True)
+    # Greedy and seeded requests: a resumed stream must go on with the very tokens either would give.
+    reqs = [([3 + i, 4, 5], seeded if i % 2 else params) for i in range(24)]
+    want = [asyncio.run(tokens(client, *r)) for r in reqs[:4]]
 
     def strike():
         if fault == "kill":
@@ -142,9 +144,9 @@ def test_a_dead_or_stuck_shard_is_repaired_in_place_and_no_request_fails(app, mo
         else:
             shard.__ray_call__.remote(lambda actor: time.sleep(60))
 
-    results, killed = under_load(client, prompts, params, 0.05, strike)
-    # No request failed: those without a token were retried, those mid-stream resumed; greedy
-    # output is the same as without the fault.
+    results, killed = under_load(client, reqs, 0.05, strike)
+    # No request failed: those without a token were retried, those mid-stream resumed; the output
+    # is the same as without the fault.
     assert all(len(r) == 24 for r in results)
     assert results[:4] == want
     while time.monotonic() < killed + 15:
@@ -161,7 +163,7 @@ def test_a_dead_or_stuck_shard_is_repaired_in_place_and_no_request_fails(app, mo
     assert re.match(r"ranks \[1\] replaced" if fault == "kill" else r"ranks \[(0, )?1\] replaced",
                     infos[victim].last_repair)
     assert len(infos) == 2  # repaired in place: Serve replaced no replica
-    assert asyncio.run(tokens(client, prompts[0], params)) == want[0]
+    assert asyncio.run(tokens(client, *reqs[1])) == want[1]
     time.sleep(1.5)
     for info in asyncio.run(client.infos()):
         assert info.stats.free_blocks == info.stats.num_blocks, info
@@ -289,10 +291,10 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     assert not node_ids & others, "each replica packs onto a node of its own"
     (node,) = [n for n in ray_cluster.worker_nodes if n._node_id in node_ids]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    prompts = [[30 + i, 4, 5] for i in range(16)]
-    want = [asyncio.run(tokens(client, p, params)) for p in prompts[:3]]
+    reqs = [([30 + i, 4, 5], params) for i in range(16)]
+    want = [asyncio.run(tokens(client, *r)) for r in reqs[:3]]
 
-    results, removed = under_load(client, prompts, params, 0.1, lambda: ray_cluster.remove_node(node))
+    results, removed = under_load(client, reqs, 0.1, lambda: ray_cluster.remove_node(node))
     assert all(len(r) == 24 for r in results) and results[:3] == want  # nothing failed, output unchanged
     while time.monotonic() < removed + 60:
         infos = asyncio.run(client.infos())
@@ -307,7 +309,7 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     assert re.fullmatch(r"replica process up [\d.]+ s, shard processes up [\d.]+ s, process groups, weights, KV "
                         r"[\d.]+ s", new.startup), new.startup
     assert all(p.node_id not in node_ids for i in infos for p in i.shards)
-    assert asyncio.run(tokens(client, prompts[0], params)) == want[0]
+    assert asyncio.run(tokens(client, *reqs[0])) == want[0]
 
     # One node more lost: the cluster can no longer hold both replicas, and status says what is missing.
     (second,) = [n for n in ray_cluster.worker_nodes if n._node_id == infos[0].shards[0].node_id]
@@ -320,4 +322,4 @@ def test_a_removed_node_costs_only_its_replica_which_is_rebuilt_on_the_nodes_tha
     assert re.fullmatch(r"cannot be placed now: 1 replica\(s\) of .* need 2 stages of 1 GPUs each, every stage on one "
                         r"node; what is free holds 0 \[.*\]; Serve places them when nodes come back or are added",
                         pending), pending
-    assert asyncio.run(tokens(client, prompts[1], params)) == results[1]  # the other replica serves on
+    assert asyncio.run(tokens(client, *reqs[1])) == results[1]  # the other replica serves on
