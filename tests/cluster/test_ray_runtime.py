@@ -224,6 +224,34 @@ def test_a_burst_is_spread_over_both_replicas_and_cancelled_streams_free_every_b
     assert freed_s < 1.0 + 0.5  # the router's 1 s, seen through reports every health_check_period_s
 
 
+def test_through_serve_each_conversations_turns_go_where_its_prefix_is_cached(app, model_dir):
+    """Cache-aware routing on the real path: replicas report their cached block hashes to Serve, and
+    the CapacityRouter in this process sends each later turn to the replica holding its history."""
+    client = up(config(layout={"tp": 1, "pp": 2}, replicas=2, kv_cache={"num_blocks": 256, "block_size": 4}),
+                model_dir)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    rng = random.Random(5)
+    conversations = [[rng.randrange(3, 1000) for _ in range(40)] for _ in range(4)]
+    previous: list[list[int]] = [[] for _ in conversations]
+
+    def hits() -> dict[str, int]:
+        return {i.name: i.stats.prefix_hit_tokens for i in asyncio.run(client.infos())}
+
+    for turn in range(3):
+        for c, history in enumerate(conversations):
+            before = hits()
+            answer = asyncio.run(tokens(client, history, params))
+            time.sleep(1.2)  # the replicas' next reports (health, and routing stats to Serve)
+            gained = {name: n - before.get(name, 0) for name, n in hits().items()}
+            if turn:
+                # The replica holding the previous turn served this one: it alone found (nearly) all of the
+                # history cached, the previous prompt and answer, to the last full block.
+                low, high = sorted(gained.values())
+                assert low == 0 and high >= len(previous[c]) - 4, (turn, c, gained, len(previous[c]))
+            previous[c] = history + answer
+            conversations[c] = history + answer + [rng.randrange(3, 1000) for _ in range(6)]
+
+
 def test_scaling_out_and_in_leaves_running_replicas_alone(app, model_dir):
     cfg = config(layout={"tp": 1, "pp": 2})
     assert target_replicas("test") == 0
