@@ -15,16 +15,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
-from cluster.launch import serve_subprocess
+from cluster.launch import free_port, serve_subprocess
 
 
 @contextmanager
-def caravan_serve(folder: Path, config_yaml: str, token: str, port: int) -> Iterator[Clients]:
-    """`caravan serve CONFIG` in its own process, as a user starts it, with `config_yaml` (whose router
-    listens on `port` and reads its token from the file `token`), until it serves; SIGTERM at the end.
-    The clients also carry the process, its log and the config's path."""
+def caravan_serve(folder: Path, config_yaml: str, token: str, **router) -> Iterator[Clients]:
+    """`caravan serve CONFIG` in its own process, as a user starts it, with `config_yaml` and a router
+    section of `router`'s keys, on a free port, with `token` in the file `token` for every RPC, until it
+    serves; SIGTERM at the end. The clients also carry the process, its log and the config's path."""
+    port = free_port()
     (folder / "token").write_text(token)
-    (folder / "cluster.yaml").write_text(config_yaml)
+    section = {"port": port, "auth_token_file": "token", **router}
+    (folder / "cluster.yaml").write_text(config_yaml + "router: {" + ", ".join(
+        f"{k}: {'null' if v is None else v}" for k, v in section.items()) + "}\n")
     target = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(target)
     try:

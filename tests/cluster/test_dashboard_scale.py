@@ -21,7 +21,6 @@ import pytest
 
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
-from cluster.launch import free_port
 from tests.cluster.routerfixture import Clients, caravan_serve
 
 pytestmark = pytest.mark.slow
@@ -100,14 +99,12 @@ class Load:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    port = free_port()
-    with caravan_serve(tmp_path_factory.mktemp("scale"), f"""\
-layout: {{tp: 1, pp: 1}}
-kv_cache: {{num_blocks: 256}}
-timeouts: {{step_s: 10, health_check_period_s: 0.5}}
-local_cluster: {{nodes: 2, gpus_per_node: 1}}
-router: {{port: {port}, metrics_port: 0, auth_token_file: token, drain_grace_s: 60}}
-""", TOKEN, port) as clients:
+    with caravan_serve(tmp_path_factory.mktemp("scale"), """\
+layout: {tp: 1, pp: 1}
+kv_cache: {num_blocks: 256}
+timeouts: {step_s: 10, health_check_period_s: 0.5}
+local_cluster: {nodes: 2, gpus_per_node: 1}
+""", TOKEN, metrics_port=0, drain_grace_s=60) as clients:
         found = re.search(r"dashboard (\S+)", clients.log_path.read_text())
         assert found and found[1] != "off", "caravan serve did not print the dashboard's address"
         clients.dashboard = Dashboard(found[1])

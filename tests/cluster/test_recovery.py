@@ -15,7 +15,6 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from caravan.v1 import inference_pb2 as pb
-from cluster.launch import free_port
 from tests.cluster.routerfixture import caravan_serve
 
 pytestmark = pytest.mark.slow
@@ -27,11 +26,8 @@ RECOVERY_S = 15.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    port = free_port()
     # The embedded default layout and timeouts; only the router's port and token are the test's.
-    with caravan_serve(tmp_path_factory.mktemp("recovery"), f"""\
-router: {{port: {port}, metrics_port: null, auth_token_file: token}}
-""", TOKEN, port) as clients:
+    with caravan_serve(tmp_path_factory.mktemp("recovery"), "", TOKEN, metrics_port=None) as clients:
         yield clients
 
 

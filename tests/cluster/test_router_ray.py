@@ -23,7 +23,6 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from tests.cluster.malformed import cases
-from cluster.launch import free_port
 from tests.cluster.routerfixture import caravan_serve, expect_malformed, flood
 
 pytestmark = pytest.mark.slow
@@ -35,14 +34,12 @@ MAX_IN_FLIGHT = 32
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    port = free_port()
-    with caravan_serve(tmp_path_factory.mktemp("serve"), f"""\
-layout: {{tp: 1, pp: 2}}
-kv_cache: {{num_blocks: 512}}
-scheduler: {{max_num_seqs: 128, max_tokens_per_step: 512}}
-timeouts: {{step_s: 10, health_check_period_s: 0.25}}
-router: {{port: {port}, metrics_port: 0, max_in_flight: {MAX_IN_FLIGHT}, auth_token_file: token, drain_grace_s: 20}}
-""", TOKEN, port) as clients:
+    with caravan_serve(tmp_path_factory.mktemp("serve"), """\
+layout: {tp: 1, pp: 2}
+kv_cache: {num_blocks: 512}
+scheduler: {max_num_seqs: 128, max_tokens_per_step: 512}
+timeouts: {step_s: 10, health_check_period_s: 0.25}
+""", TOKEN, metrics_port=0, max_in_flight=MAX_IN_FLIGHT, drain_grace_s=20) as clients:
         yield clients
 
 
