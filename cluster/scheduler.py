@@ -295,8 +295,18 @@ class Scheduler:
     @property
     def queued_tokens(self) -> int:
         """Prompt tokens not yet prefilled, over waiting and partially prefilled sequences: the work
-        this replica already owes, which a router subtracts from its free KV capacity."""
-        return sum(s.prefill_left for s in self.seqs.values() if not s.aborted)
+        this replica already owes, which a router subtracts from its free KV capacity. A waiting
+        sequence owes only what its lane's cache does not hold (as things stand: eviction may take
+        some of it back before it is admitted)."""
+        owed = 0
+        for s in self.seqs.values():
+            if s.aborted:
+                continue
+            left = s.prefill_left
+            if left and not s.running and s.num_computed == 0:
+                left -= len(self._cached_prefix(s, self.pools[s.lane])) * self.block_size
+            owed += left
+        return owed
 
     def has_work(self, lane: int) -> bool:
         return bool(self._waiting[lane] or self._running[lane])

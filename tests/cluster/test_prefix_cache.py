@@ -165,6 +165,19 @@ def test_requests_sharing_prefixes_of_different_lengths_compute_only_what_is_not
     assert sched.num_free_blocks == 64 and stats.cached_blocks > 0
 
 
+def test_a_waiting_request_owes_only_its_uncached_tokens():
+    system = list(range(100, 123))                                       # 23 tokens: 5 full blocks
+    sched, model = make(max_num_seqs=1), FakeModel(BS)
+    run(sched, model, {0: [(0, system + [1, 2], 3)]})
+    sched.add(1, list(range(300, 310)), greedy(40))                      # takes the one batch slot
+    sched.schedule(0)
+    sched.add(2, system + [7, 8], greedy(2))                             # waits: 20 of its 25 tokens cached
+    sched.add(3, [9] * 11, greedy(2))                                    # waits: nothing cached
+    assert sched.queued_tokens == (25 - 20) + 11
+    sched.prefix_caching = False
+    assert sched.queued_tokens == 25 + 11
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_token():
     sched, model = make(), FakeModel(BS)
     prompt = list(range(200, 209))                                       # 9 tokens: 2 full blocks and 1 token
