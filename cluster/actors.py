@@ -95,9 +95,10 @@ class ShardActor:
         s, start = self.spec, time.monotonic()
         endpoint = Endpoint(host, port, s.collective_timeout_s)
         store = self._store or open_store(endpoint, s.rank, s.layout.world_size)
-        fresh = init_parallel(s.layout, s.rank, endpoint, self.worker.ctx.device, store=store)
-        self.worker.ctx.tp_group, self.worker.ctx.cpu_group = fresh.tp_group, fresh.cpu_group
-        dist.barrier(group=fresh.cpu_group)
+        if s.layout.world_size > 1:  # a world of one has no groups to re-form
+            fresh = init_parallel(s.layout, s.rank, endpoint, self.worker.ctx.device, store=store)
+            self.worker.ctx.tp_group, self.worker.ctx.cpu_group = fresh.tp_group, fresh.cpu_group
+            dist.barrier(group=fresh.cpu_group)
         return {"rank": s.rank, "seconds": time.monotonic() - start}
 
     def execute(self, step: StepInput) -> StepOutput | None:

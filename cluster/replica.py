@@ -107,14 +107,14 @@ class RayReplica:
         whole world meets again on a new store. The engine must have failed first (every sequence
         gone), and is resumed by the caller. Raises `ReplicaStartError` (naming the rank) when a
         rank cannot come back within `timeouts.repair_s`; the caller then gives the replica up."""
-        cfg, phases = self.cfg, {}
+        cfg, timings = self.cfg, {}
         deadline = time.monotonic() + cfg.timeouts.repair_s
         mark = time.monotonic()
 
         def phase(name: str) -> None:
             nonlocal mark
             now = time.monotonic()
-            phases[name] = now - mark
+            timings[name] = now - mark
             mark = now
 
         alive = await asyncio.gather(*(_answers(a.ping.remote(), ping_s) for a in self.actors))
@@ -138,7 +138,7 @@ class RayReplica:
         await _await_setup(self.name, calls, deadline, "timeouts.repair_s", cfg.timeouts.repair_s)
         phase("load and rejoin")
         self.engine.executor.actors = self.actors
-        return RepairReport(replaced, [i for i in range(len(self.actors)) if i not in replaced], phases)
+        return RepairReport(replaced, [i for i in range(len(self.actors)) if i not in replaced], timings)
 
     def kill(self) -> None:
         for a in self.actors:
@@ -170,9 +170,10 @@ async def _spawn_when_free(cfg, model_dir, num_blocks, pg, place, actor_name, gp
 
 
 async def _answers(ref, timeout_s: float) -> bool:
+    """Whether an actor call returned within `timeout_s`, and did not return False (a ping of a shard
+    without a worker)."""
     try:
-        await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
-        return True
+        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s) is not False
     except (TimeoutError, asyncio.TimeoutError, ray.exceptions.RayError):
         return False
 

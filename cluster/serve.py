@@ -51,6 +51,8 @@ from shard.sampler import SamplingParams
 log = logging.getLogger(__name__)
 
 NAMESPACE = "caravan"
+# In-place repairs within timeouts.repair_s before the replica is given up to Serve instead.
+MAX_REPAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class ReplicaServer:
         self.last_repair: str | None = None
         self._repair_task: asyncio.Task | None = None
         self._given_up: str | None = None    # set when a repair failed: Serve must replace this replica
+        self._failures: list[float] = []      # when the engine failed, within the last timeouts.repair_s
         self.registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
         self.registry.report.remote(self._info())
 
@@ -134,15 +137,19 @@ class ReplicaServer:
 
     async def _repair(self, reason: str) -> None:
         name, t = self.replica.name, self.config.timeouts
+        now = time.monotonic()
+        self._failures = [f for f in self._failures if now - f < t.repair_s] + [now]
+        if len(self._failures) > MAX_REPAIRS:
+            # Failing again and again (a fault that survives repairs): fresh processes everywhere, from Serve.
+            self._give_up(f"{reason}; failed {len(self._failures)} times within timeouts.repair_s={t.repair_s:g} s")
+            return
         log.warning("%s failed (%s); repairing it in place (timeouts.repair_s=%g)", name, reason, t.repair_s)
         self.engine.failed = f"repairing in place after: {reason}"
         self.registry.report.remote(self._info())
         try:
             report = await self.replica.repair(ping_s=min(t.step_s, 2.0))
         except Exception as e:
-            self._given_up = f"{reason}; the in-place repair failed: {e}"
-            log.error("%s: %s; Serve will replace the replica", name, self._given_up)
-            self.replica.kill()
+            self._give_up(f"{reason}; the in-place repair failed: {e}")
             return
         self.shard_healthy = [True] * len(self.replica.actors)
         self.repairs += 1
@@ -156,6 +163,12 @@ class ReplicaServer:
                            progress_age_s=time.monotonic() - self.engine.last_progress,
                            shard_healthy=list(self.shard_healthy), startup=self.startup, repairs=self.repairs,
                            last_repair=self.last_repair)
+
+    def _give_up(self, why: str) -> None:
+        """The next health check fails, and Serve replaces this replica."""
+        self._given_up = why
+        log.error("%s: %s; Serve will replace the replica", self.replica.name, why)
+        self.replica.kill()
 
     async def check_health(self) -> None:
         """Reports, then raises (so that Serve replaces this replica) if it cannot serve and cannot

@@ -224,6 +224,46 @@ def test_a_burst_is_spread_over_both_replicas_and_cancelled_streams_free_every_b
     assert freed_s < 1.0 + 0.5  # the router's 1 s, seen through reports every health_check_period_s
 
 
+def test_a_step_that_raises_keeps_its_shard_and_one_that_always_raises_is_left_to_serve(app, model_dir):
+    """A shard whose step raised (a CUDA error, say) still answers: the repair keeps it (here a world
+    of one rank, which has no groups to re-form). A fault that repairs cannot cure fails the replica
+    again and again: after MAX_REPAIRS, the replica gives itself up and Serve starts a fresh one."""
+    cfg = config(layout={"tp": 1, "pp": 1}, timeouts={"step_s": 2, "health_check_period_s": 0.5, "repair_s": 30})
+    client = up(cfg, model_dir)
+    (first,) = asyncio.run(client.infos())
+    shard = ray.get_actor(f"{first.name}-stage0-tp0")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = asyncio.run(tokens(client, [3, 4, 5], params))
+
+    def raise_once(actor):
+        real = actor.worker.execute
+
+        def broken(step):
+            actor.worker.execute = real
+            raise RuntimeError("injected: an illegal memory access was encountered")
+        actor.worker.execute = broken
+
+    ray.get(shard.__ray_call__.remote(raise_once))
+    assert asyncio.run(tokens(client, [3, 4, 5], params)) == want  # sent again once the replica was repaired
+    time.sleep(1.5)
+    (info,) = asyncio.run(client.infos())
+    assert (info.name, info.repairs, info.stats.failed) == (first.name, 1, None)
+    assert info.last_repair.startswith("ranks [] replaced, 1 kept their weights"), info.last_repair
+
+    def raise_always(actor):
+        def broken(step):
+            raise RuntimeError("injected: every step fails")
+        actor.worker.execute = broken
+
+    ray.get(shard.__ray_call__.remote(raise_always))
+    started = time.monotonic()
+    assert asyncio.run(tokens(client, [3, 4, 5], params)) == want  # answered by the fresh replica
+    infos = asyncio.run(client.infos())
+    print(f"a replica that failed at every step was replaced; a request sent then was answered after "
+          f"{time.monotonic() - started:.1f} s")
+    assert [i.name for i in infos] != [first.name] and all(i.repairs == 0 for i in infos if i.name != first.name)
+
+
 def test_through_serve_each_conversations_turns_go_where_its_prefix_is_cached(app, model_dir):
     """Cache-aware routing on the real path: replicas report their cached block hashes to Serve, and
     the CapacityRouter in this process sends each later turn to the replica holding its history."""
