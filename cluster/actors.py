@@ -38,6 +38,7 @@ class ShardSpec:
     collective_timeout_s: float
     cuda_graphs: bool = False   # decode steps as CUDA graphs, of up to graph_max_batch sequences (on CUDA only)
     graph_max_batch: int = 256
+    fp8_scaled_mm_min_rows: int = 1024  # FP8 checkpoints on CUDA: rows from which the GEMMs quantise activations
 
 
 class ShardDied(RuntimeError):
@@ -77,7 +78,8 @@ class ShardActor:
         store = self._store or open_store(endpoint, s.rank, s.layout.world_size)
         ctx = init_parallel(s.layout, s.rank, endpoint, device, store=store if s.layout.world_size > 1 else None)
         self.worker = ShardWorker(s.model_dir, ctx, dtype=s.dtype, num_blocks=s.num_blocks, block_size=s.block_size,
-                                  progress=False, cuda_graphs=s.cuda_graphs, graph_max_batch=s.graph_max_batch)
+                                  progress=False, cuda_graphs=s.cuda_graphs, graph_max_batch=s.graph_max_batch,
+                                  fp8_scaled_mm_min_rows=s.fp8_scaled_mm_min_rows)
         if s.layout.world_size > 1:
             dist.barrier(group=ctx.cpu_group)
         return {"rank": s.rank, "device": str(device), "seconds": time.monotonic() - start,

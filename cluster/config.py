@@ -31,6 +31,9 @@ shard:
   cpu_threads: 1              # torch threads per shard when it computes on CPU
   cuda_graphs: true           # on CUDA: decode steps of up to scheduler.max_num_seqs sequences replay graphs
                               # captured at start (shard/graphs.py); false runs every step eagerly, to debug
+  fp8_scaled_mm_min_rows: 1024  # FP8 checkpoints on CUDA: steps of fewer rows take the weight-only FP8 GEMM,
+                              # from this many the activations are quantised too (`python bench/fp8_gemm.py`
+                              # prints the crossover on your GPU)
 local_cluster:                # only without an address: a local Ray cluster that simulates nodes
   nodes: 2                    # simulated nodes
   gpus_per_node: null         # null: just enough for the layout, whole TP groups per node
@@ -174,6 +177,7 @@ class ShardSection:
     device: str = _rule("auto", _one_of(DEVICES))
     cpu_threads: int = _rule(1, _AT_LEAST_1)
     cuda_graphs: bool = _rule(True, (lambda v: True, "use true or false"))
+    fp8_scaled_mm_min_rows: int = _rule(1024, _AT_LEAST_1)
 
 
 @dataclass(frozen=True)

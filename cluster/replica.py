@@ -150,7 +150,7 @@ def _spawn(cfg: ServeConfig, model_dir: str, num_blocks: int, pg: PlacementGroup
     layout = Layout(cfg.layout.tp, cfg.layout.pp)
     spec = ShardSpec(model_dir, layout, place.rank, cfg.model.torch_dtype, num_blocks, cfg.kv_cache.block_size,
                      cfg.shard.device, cfg.shard.cpu_threads, cfg.timeouts.collective_s, cfg.shard.cuda_graphs,
-                     cfg.scheduler.max_num_seqs)
+                     cfg.scheduler.max_num_seqs, cfg.shard.fp8_scaled_mm_min_rows)
     return RemoteShard.options(
         name=actor_name, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
         max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, place.bundle, True),

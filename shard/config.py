@@ -37,6 +37,9 @@ class QuantizationConfig:
 
     modules_to_not_convert: tuple[str, ...] | None  # None: transformers' default, the LM head stays BF16
     activation_scale_ub: float = 1200.0             # clamp of the dynamic activation scale (FP8 GEMM path)
+    # Rows from which a GPU's FP8 GEMM quantises the activations too (`shard.kernels.fp8.FP8Gemm`): not
+    # the checkpoint's, the deployment's (`shard.fp8_scaled_mm_min_rows`), set where the shard is built.
+    scaled_mm_min_rows: int = 1024
     quant_method: str = "fbgemm_fp8"
 
 

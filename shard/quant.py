@@ -88,7 +88,7 @@ def resident_linears(cfg: ModelConfig, layer: int) -> dict[str, FP8Gemm]:
     q = cfg.quantization
     if q is None:
         return {}
-    gemm = FP8Gemm(q.activation_scale_ub)
+    gemm = FP8Gemm(q.activation_scale_ub, q.scaled_mm_min_rows)
     return {fused: gemm for fused, parts in FUSED_LINEARS.items()
             if all(is_converted(f"model.layers.{layer}.{p}", q) for p in parts)}
 

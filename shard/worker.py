@@ -12,6 +12,7 @@ KV cache then holds one more block than `num_blocks`, for the graphs' padding ro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,12 +61,17 @@ GRAPH_MAX_CONTEXT = 8192   # longer contexts decode eagerly: the graphs' block t
 class ShardWorker:
     def __init__(self, model_dir: str | Path, ctx: ParallelContext, *, dtype: torch.dtype = torch.float32,
                  num_blocks: int, block_size: int = 16, progress: bool = True, cuda_graphs: bool = False,
-                 graph_max_batch: int = 256, graph_backend: GraphBackend | None = None):
+                 graph_max_batch: int = 256, graph_backend: GraphBackend | None = None,
+                 fp8_scaled_mm_min_rows: int | None = None):
         """`cuda_graphs`: capture decode steps of up to `graph_max_batch` sequences on a CUDA device
         (ignored elsewhere: there are no graphs to capture). `graph_backend` replaces the CUDA
-        capture (tests use one that replays eagerly on a CPU)."""
+        capture (tests use one that replays eagerly on a CPU). `fp8_scaled_mm_min_rows`: for an FP8
+        checkpoint, the rows from which its GEMMs quantise the activations too (None: the default)."""
         self.ctx = ctx
         self.cfg = ModelConfig.from_pretrained(model_dir)
+        if fp8_scaled_mm_min_rows is not None and self.cfg.quantization is not None:
+            self.cfg = dataclasses.replace(self.cfg, quantization=dataclasses.replace(
+                self.cfg.quantization, scaled_mm_min_rows=fp8_scaled_mm_min_rows))
         self.model = LlamaStage(self.cfg, ctx, dtype, ctx.device)
         self.load_report: LoadReport = load_weights(self.model, Checkpoint.open(model_dir), progress=progress)
         use_graphs = graph_backend is not None or (cuda_graphs and torch.device(ctx.device).type == "cuda")

@@ -37,6 +37,7 @@ timeouts:
 shard:
   device: cuda
   cpu_threads: 4
+  fp8_scaled_mm_min_rows: 256
   cuda_graphs: false
 local_cluster:
   nodes: 4
@@ -95,7 +96,8 @@ def test_full_file_sets_every_key(tmp_path):
     assert cfg.kv_cache == KVCacheSection(block_size=32, memory_per_shard=2**30, num_blocks=500, prefix_caching=False)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_tokens_per_step) == (8, 256)
     assert dataclasses.astuple(cfg.timeouts) == (600.0, 2.5, 30.0, 0.5, 20.0)
-    assert (cfg.shard.device, cfg.shard.cpu_threads, cfg.shard.cuda_graphs) == ("cuda", 4, False)
+    assert (cfg.shard.device, cfg.shard.cpu_threads, cfg.shard.cuda_graphs, cfg.shard.fp8_scaled_mm_min_rows) == (
+        "cuda", 4, False, 256)
     assert cfg.local_cluster == LocalClusterSection(nodes=4, gpus_per_node=8, cpus_per_node=16)
     assert (cfg.address, cfg.name) == ("10.0.0.1:6379", "llama-70b")
     assert cfg.router.tls_key_file == str((tmp_path / "tls" / "key.pem").resolve())
@@ -164,6 +166,7 @@ def test_memory_per_shard_units(tmp_path, text, size):
     ("kv_cache:\n  num_blocks: 0\n", ["kv_cache.num_blocks: got 0; use an integer >= 1, or null"]),
     ("kv_cache:\n  memory_per_shard: 0MiB\n", ["kv_cache.memory_per_shard: got 0; use an integer >= 1"]),
     ("shard:\n  cpu_threads: 0\n", ["shard.cpu_threads: got 0; use an integer >= 1"]),
+    ("shard:\n  fp8_scaled_mm_min_rows: 0\n", ["shard.fp8_scaled_mm_min_rows: got 0; use an integer >= 1"]),
     ("local_cluster:\n  nodes: 0\n", ["local_cluster.nodes: got 0; use an integer >= 1"]),
     ("local_cluster:\n  gpus_per_node: 0\n", ["local_cluster.gpus_per_node: got 0; use an integer >= 1, or null"]),
     ("local_cluster:\n  cpus_per_node: 0\n", ["local_cluster.cpus_per_node: got 0; use an integer >= 1"]),

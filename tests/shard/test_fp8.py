@@ -180,6 +180,22 @@ def test_resident_linears() -> None:
     assert quant.resident_linears(ModelConfig.from_pretrained(LLAMA_405B), 7) == {}     # no quantization_config
 
 
+def test_the_deployments_row_threshold_reaches_the_fp8_gemms(pair) -> None:
+    """`shard.fp8_scaled_mm_min_rows` (a deployment setting, not the checkpoint's) goes into the model
+    config a shard builds from, so every FP8 linear's GEMM choice uses it."""
+    from shard.parallel import ParallelContext
+    from shard.worker import ShardWorker
+    fp8_dir, _ = pair
+    worker = ShardWorker(fp8_dir, ParallelContext(Layout()), num_blocks=4, block_size=4, progress=False,
+                         fp8_scaled_mm_min_rows=64)
+    assert worker.cfg.quantization.scaled_mm_min_rows == 64
+    gemms = {g for layer in range(worker.cfg.num_layers) for g in quant.resident_linears(worker.cfg, layer).values()}
+    assert gemms and all(g.scaled_mm_min_rows == 64 for g in gemms)
+    assert {g.kernel_for(rows, torch.bfloat16) for g in gemms for rows in (63, 64)} == {"weight_only", "scaled_mm"}
+    default = ShardWorker(fp8_dir, ParallelContext(Layout()), num_blocks=4, block_size=4, progress=False)
+    assert default.cfg.quantization.scaled_mm_min_rows == 1024
+
+
 def test_mixed_fused_weight_and_lm_head_are_dequantised(pair) -> None:
     # Layer 2's q|k|v fuses FP8 q and v with a BF16 k: one tensor holds one dtype, so it is dequantised;
     # so is the FP8 LM head. The planner counts what the loader keeps (resident_weight_names).
