@@ -117,7 +117,7 @@ class RayReplica:
             timings[name] = now - mark
             mark = now
 
-        alive = await asyncio.gather(*(_answers(a.ping.remote(), ping_s) for a in self.actors))
+        alive = await self.ping(ping_s)
         left = await asyncio.gather(*(_answers(a.leave.remote(), ping_s) for a, ok in zip(self.actors, alive) if ok))
         it = iter(left)
         alive = [ok and next(it) for ok in alive]
@@ -129,8 +129,8 @@ class RayReplica:
         for i in replaced:
             self.actors[i] = await _spawn_when_free(self.cfg, self.model_dir, self.num_blocks, self.pg, self.places[i],
                                                     self.names[i], gpu, deadline)
-        for i in replaced:
-            await _within_deadline(self.actors[i].where.remote(), deadline, self, i, "start its process")
+        await _await_setup(self.name, {self.actors[i].where.remote(): self.places[i] for i in replaced}, deadline,
+                           "timeouts.repair_s", cfg.timeouts.repair_s)
         phase("new processes up")
         host, port = await _within_deadline(self.actors[0].open_store.remote(), deadline, self, 0, "open its store")
         calls = {(a.setup if i in replaced else a.rejoin).remote(host, port): self.places[i]
@@ -139,6 +139,10 @@ class RayReplica:
         phase("load and rejoin")
         self.engine.executor.actors = self.actors
         return RepairReport(replaced, [i for i in range(len(self.actors)) if i not in replaced], timings)
+
+    async def ping(self, timeout_s: float) -> list[bool]:
+        """Per rank, whether its shard answered a ping (and has its worker) within `timeout_s`."""
+        return list(await asyncio.gather(*(_answers(a.ping.remote(), timeout_s) for a in self.actors)))
 
     def kill(self) -> None:
         for a in self.actors:
@@ -215,11 +219,11 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     """Starts the shards in bundles 1..world of `pg` (bundle 0 holds the caller) and their engine."""
     layout = Layout(cfg.layout.tp, cfg.layout.pp)
     model = ModelConfig.from_pretrained(model_dir)
-    num_blocks = kv_blocks(cfg, model, gpu=resource == "GPU")
+    gpu = resource == "GPU"
+    num_blocks = kv_blocks(cfg, model, gpu)
     bundle_nodes = {int(b): n for b, n in placement_group_table(pg)["bundles_to_node_id"].items()}
     places = assign_ranks(layout, bundle_nodes, {n.node_id: n.ip for n in cluster_nodes()})
     replica = RayReplica(name, places, [], None, num_blocks, cfg, model_dir, pg, resource)
-    gpu = resource == "GPU"
     replica.actors = [_spawn(cfg, model_dir, num_blocks, pg, p, n, gpu) for p, n in zip(places, replica.names)]
     start = time.monotonic()
     deadline = start + cfg.timeouts.setup_s

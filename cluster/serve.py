@@ -191,7 +191,7 @@ class ReplicaServer:
 
     async def _check_idle(self) -> str | None:
         """Pings and probes at once, so that the check takes one step timeout at most."""
-        healthy, probed = await asyncio.gather(self._ping_shards(), self._probe())
+        healthy, probed = await asyncio.gather(self.replica.ping(self.config.timeouts.step_s), self._probe())
         self.shard_healthy = healthy
         silent = [f"rank {p.rank} (stage {p.stage}, tp {p.tp_rank}) on {p.ip}"
                   for p, ok in zip(self.replica.places, healthy) if not ok]
@@ -207,14 +207,6 @@ class ReplicaServer:
         except ReplicaFailed as e:
             return f"the idle probe failed: {e}"
         return None
-
-    async def _ping_shards(self) -> list[bool]:
-        async def ping(actor) -> bool:
-            try:
-                return await asyncio.wait_for(actor.ping.remote(), self.config.timeouts.step_s)
-            except (TimeoutError, ray.exceptions.RayError):
-                return False
-        return list(await asyncio.gather(*(ping(a) for a in self.replica.actors)))
 
     def record_routing_stats(self) -> dict:
         """What `cluster.routing.CapacityRouter` ranks replicas by (load, and which prefixes this
