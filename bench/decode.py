@@ -30,13 +30,15 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeat: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def caravan_run(worker, prompts: list[list[int]], new_tokens: int) -> float:
-    from cluster.offline import Request, generate
+def caravan_run(worker, prompts: list[list[int]], new_tokens: int, num_blocks: int, block_size: int) -> float:
+    from cluster.engine.executor import LocalExecutor
+    from cluster.engine.offline import Request, generate
     from shard.sampler import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
-    count = sum(1 for _ in generate(worker, [Request(p, params) for p in prompts], frozenset()))
+    count = sum(1 for _ in generate(LocalExecutor(worker), [Request(p, params) for p in prompts], frozenset(),
+                                    num_blocks=num_blocks, block_size=block_size))
     assert count == len(prompts) * new_tokens
     return count / (time.perf_counter() - start)
 
@@ -49,22 +51,6 @@ def hf_run(model, prompts: list[list[int]], new_tokens: int) -> float:
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     assert out.shape == (len(prompts), ids.shape[1] + new_tokens)
     return len(prompts) * new_tokens / (time.perf_counter() - start)
-
-
-class OneRank:
-    """The world-size-1 worker seen through the interface the offline driver drives."""
-
-    def __init__(self, model_dir, num_blocks: int, block_size: int):
-        from shard.layout import Layout
-        from shard.parallel import ParallelContext
-        from shard.worker import ShardWorker
-
-        self.worker = ShardWorker(model_dir, ParallelContext(Layout()), num_blocks=num_blocks,
-                                  block_size=block_size, progress=False)
-        self.num_blocks, self.block_size = num_blocks, block_size
-
-    def step(self, step):
-        return self.worker.execute(step)
 
 
 def main() -> None:
@@ -86,23 +72,28 @@ def main() -> None:
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     block = 16
     per_seq = -(-(args.prompt_len + args.new_tokens) // block)
-    caravan = OneRank(model_dir, num_blocks=per_seq * max(args.batch), block_size=block)
-    weight_bytes = sum(p.numel() * p.element_size() for p in caravan.worker.model.parameters())
+    from shard.layout import Layout
+    from shard.parallel import ParallelContext
+    from shard.worker import ShardWorker
+
+    num_blocks = per_seq * max(args.batch)
+    caravan = ShardWorker(model_dir, ParallelContext(Layout()), num_blocks=num_blocks, block_size=block, progress=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in caravan.model.parameters())
     bandwidth = copy_bandwidth()
     gen = torch.Generator().manual_seed(0)
-    vocab = caravan.worker.cfg.vocab_size
+    vocab = caravan.cfg.vocab_size
 
     print(f"model {model_dir}, fp32, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"weights {weight_bytes / 1e6:.0f} MB; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"batch-1 roofline {bandwidth / weight_bytes:.1f} tok/s")
     for batch in args.batch:
         prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(batch)]
-        caravan_run(caravan, prompts, 4)  # warm-up: first-call allocations and kernel selection
+        caravan_run(caravan, prompts, 4, num_blocks, block)  # warm-up: first-call allocations and kernel selection
         hf_run(hf, prompts, 4)
         ours, theirs = [], []
         for _ in range(args.repeat):
             theirs.append(hf_run(hf, prompts, args.new_tokens))
-            ours.append(caravan_run(caravan, prompts, args.new_tokens))
+            ours.append(caravan_run(caravan, prompts, args.new_tokens, num_blocks, block))
         o, t = statistics.median(ours), statistics.median(theirs)
         line = f"batch {batch:>3}: caravan {o:7.1f} tok/s   transformers {t:7.1f} tok/s   ratio {o / t:.2f}x"
         if batch == 1:

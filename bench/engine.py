@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import Result, run_transformers, run_vllm  # noqa: E402
 from workload import Workload, make_prompts  # noqa: E402
 
-from cluster.engine import Engine, LocalExecutor  # noqa: E402
+from cluster.engine.engine import Engine  # noqa: E402
+from cluster.engine.executor import LocalExecutor  # noqa: E402
 from shard.demo import ensure_demo_model  # noqa: E402
 from shard.layout import Layout  # noqa: E402
 from shard.parallel import ParallelContext  # noqa: E402
@@ -76,8 +77,8 @@ def ray_replica(model_dir, prompts, new_tokens: int, pp: int, threads: int = 1, 
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from cluster.config import ServeConfig
-    from cluster.placement import replica_bundles
-    from cluster.replica import start_replica
+    from cluster.runtime.placement import replica_bundles
+    from cluster.runtime.replica import start_replica
 
     # Blocks for every request's whole budget, as the in-process run gets: no preemption in either.
     blocks = len(prompts) * -(-(len(prompts[0]) + new_tokens) // BLOCK) + 8 * pp

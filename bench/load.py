@@ -134,7 +134,8 @@ def caravan_serve(slots: int, context: int, threads: int) -> Iterator[tuple[str,
     """`caravan serve` in a subprocess on a free loopback port, as a user starts it: one simulated node, TP 1 x
     PP 1, KV blocks for `slots` sequences of `context` tokens. Yields (target, token) once it serves; SIGTERM
     (a drain) at the end."""
-    from cluster.launch import free_port, serve_subprocess
+    from cluster.cli.serve import serve_subprocess
+    from cluster.runtime.ports import free_port
 
     folder, port, token = Path(tempfile.mkdtemp(prefix="caravan-load-")), free_port(), "load-bench-token"
     (folder / "token").write_text(token)

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from cluster.local import free_port
+from cluster.runtime.ports import free_port
 from shard.demo import ensure_demo_model
 from shard.layout import Layout
 from shard.parallel import Endpoint, ParallelContext, init_parallel, shutdown_parallel

@@ -62,11 +62,11 @@ def main() -> None:
 
     import ray
 
-    import cluster.actors
+    import cluster.runtime.ray_executor
     from shard.demo import ensure_demo_model
 
     dispatches: list[list] = []   # per step, in dispatch order (as the actors run them): [first seq id, sent, returned]
-    execute = cluster.actors.RayExecutor.execute
+    execute = cluster.runtime.ray_executor.RayExecutor.execute
 
     async def stamped(self, step):
         entry = [step.seqs[0].seq_id, time.time(), None]
@@ -74,7 +74,7 @@ def main() -> None:
         out = await execute(self, step)
         entry[2] = time.time()
         return out
-    cluster.actors.RayExecutor.execute = stamped
+    cluster.runtime.ray_executor.RayExecutor.execute = stamped
 
     model_dir = ensure_demo_model()
     prompts = make_prompts(model_dir, args.requests)

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from cluster.engine import Engine, LocalExecutor
-from cluster.routing import (PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, PrefixSummaries, RoutedSinceReport,
+from cluster.engine.engine import Engine
+from cluster.engine.executor import LocalExecutor
+from cluster.deploy.request_router import (PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, PrefixSummaries, RoutedSinceReport,
                              rank_replicas, routing_stats)
 from shard.demo import ensure_demo_model
 from shard.layout import Layout

@@ -82,9 +82,9 @@ async def in_process(engine, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 async def bench(rounds: int, replica, model_dir: str) -> None:
-    from cluster.backends import LocalBackend
+    from cluster.api.backend import LocalBackend
     from cluster.config import ServeConfig
-    from cluster.router import build_router
+    from cluster.api.server import build_router
 
     w = Workload()
     prompts = make_prompts(model_dir, w.requests, w.prompt_len)
@@ -121,8 +121,8 @@ def start_shard():
     from ray.util.placement_group import placement_group
 
     from cluster.config import ServeConfig
-    from cluster.placement import replica_bundles
-    from cluster.replica import start_replica
+    from cluster.runtime.placement import replica_bundles
+    from cluster.runtime.replica import start_replica
     from shard.demo import ensure_demo_model
     from shard.layout import Layout
 

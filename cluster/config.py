@@ -76,6 +76,8 @@ from typing import Any, Callable, get_args, get_type_hints
 import torch
 import yaml
 
+from shard.layout import Layout
+
 # The docstring is the one copy users read, so the example is cut from it rather than kept twice
 # (which is also why this module needs its docstring: it does not import under `python -OO`).
 EXAMPLE_YAML: str = __doc__.split("```yaml\n")[1].split("```")[0]
@@ -232,6 +234,11 @@ class ServeConfig:
     router: RouterSection = field(default_factory=RouterSection)
     address: str | None = _rule(None, _NOT_EMPTY)
     name: str = _rule("caravan", _APP_NAME)
+
+    @property
+    def shard_layout(self) -> Layout:
+        """The layout section as the data plane takes it."""
+        return Layout(self.layout.tp, self.layout.pp)
 
     def __post_init__(self) -> None:
         _validate(self, "")

@@ -25,6 +25,11 @@ def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
     return max(1, cfg.num_kv_heads // tp)
 
 
+def rank_kv_bytes_per_token(cfg: ModelConfig, tp: int, num_layers: int, itemsize: int) -> int:
+    """One token's K and V on a rank of a TP-`tp` stage holding `num_layers` layers."""
+    return 2 * num_layers * kv_heads_per_rank(cfg, tp) * cfg.head_dim * itemsize
+
+
 def kv_part(cfg: ModelConfig, tp: int, tp_rank: int) -> Part:
     rows = cfg.kv_size
     if tp <= cfg.num_kv_heads:

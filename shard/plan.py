@@ -11,7 +11,7 @@ import torch
 from shard.config import ModelConfig, QuantizationConfig
 from shard.layout import Layout, check_layout
 from shard.loader import Checkpoint
-from shard.model import LlamaStage, kv_heads_per_rank
+from shard.model import LlamaStage, rank_kv_bytes_per_token
 from shard.parallel import ParallelContext
 from shard.quant import meta_fp8_recipe, resident_weight_names, slice_bytes
 
@@ -63,7 +63,7 @@ def plan_replica(cfg: ModelConfig, layout: Layout, checkpoint: Checkpoint | None
             if key not in seen:
                 seen.add(key)
                 owned += s.numel
-        kv = 2 * len(model.layers) * kv_heads_per_rank(cfg, layout.tp) * cfg.head_dim * itemsize
+        kv = rank_kv_bytes_per_token(cfg, layout.tp, len(model.layers), itemsize)
         files = tuple(checkpoint.files_for(slices)) if checkpoint else ()
         pp_rank, tp_rank = layout.coords(rank)
         plans.append(RankPlan(rank, pp_rank, tp_rank, model.layer_range, params, owned, weight_bytes, kv, files,

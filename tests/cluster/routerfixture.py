@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
-from cluster.launch import free_port, serve_subprocess
+from cluster.cli.serve import serve_subprocess
+from cluster.runtime.ports import free_port
 
 
 @contextmanager

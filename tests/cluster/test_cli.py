@@ -153,7 +153,7 @@ def answer_tp1(smollm2_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_generate_json(answer_tp1: dict, smollm2_dir: Path) -> None:
-    from cluster.tokenizer import Tokenizer
+    from cluster.api.tokenizer import Tokenizer
 
     out = answer_tp1
     assert (out["tp"], out["pp"], out["dtype"]) == (1, 1, "float32")

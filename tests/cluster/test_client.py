@@ -294,7 +294,7 @@ def test_status_table(router, monkeypatch, capsys):
 
 
 def test_status_says_why_replicas_are_missing():
-    from cluster.client import format_status
+    from cluster.cli.client import format_status
     resp = admin_pb2.StatusResponse(serving=True, max_in_flight=8, replicas_target=2, pending=(
         "cannot be placed now: 1 replica(s) of TP1xPP2 need 2 stages of 1 GPUs each, every stage on one node; what is "
         "free holds 0 [10.0.0.1 (n1): 0 GPU]; Serve places them when nodes come back or are added"))

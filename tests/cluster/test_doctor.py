@@ -18,7 +18,7 @@ from transformers import LlamaConfig
 
 from cluster.cli import main
 from cluster.config import ServeConfig
-from cluster.diagnosis import Finding, LinkResult, Report, _ifname_matches, env_findings, format_report, link_findings
+from cluster.doctor.findings import _ifname_matches, env_findings, Finding, format_report, link_findings, LinkResult, Report
 from shard.layout import Layout
 from shard.links import Link, bandwidth, layout_links
 from tests.conftest import REPO_ROOT
@@ -196,8 +196,10 @@ def test_doctor_probes_every_link_of_a_replica_placed_as_serving_places_it(clust
 def test_a_stopped_probe_is_reported_as_the_link_that_hung_within_the_timeout(cluster, model_dir):
     import ray
 
-    from cluster.doctor import GRACE_S, Options, Probes, run_links
-    from cluster.placement import cluster_nodes, shard_resource
+    from cluster.doctor.diagnose import run_links
+
+    from cluster.doctor.probes import GRACE_S, Options, Probes
+    from cluster.runtime.placement import cluster_nodes, shard_resource
 
     config = ServeConfig.from_dict({"model": {"path": str(model_dir)}, "layout": {"tp": 2, "pp": 2},
                                     "address": cluster.address, "name": "hang"})

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from cluster.local import LocalReplica
-from cluster.offline import Request, blocks_needed, generate
-from cluster.tokenizer import Tokenizer
+from cluster.runtime.processes import LocalReplica
+from cluster.engine.executor import LocalExecutor
+from cluster.engine.offline import blocks_needed, generate, Request
+from cluster.api.tokenizer import Tokenizer
 from shard.layout import Layout
 from shard.sampler import SamplingParams
 from tests.synthetic import make_llama
@@ -45,7 +46,8 @@ def run_layout(model_dir, layout: Layout, prompts: list[list[int]], block_size: 
     logits = [[] for _ in prompts]
     with LocalReplica(model_dir, layout, num_blocks=blocks_needed(requests, block_size), block_size=block_size,
                       progress=False, timeout_s=120) as replica:
-        for ev in generate(replica, requests, frozenset(), return_logits=True):
+        for ev in generate(LocalExecutor(replica), requests, frozenset(), num_blocks=replica.num_blocks,
+                           block_size=block_size, return_logits=True):
             tokens[ev.index].append(ev.token_id)
             logits[ev.index].append(ev.logits)
     return tokens, [torch.stack(steps) for steps in logits]

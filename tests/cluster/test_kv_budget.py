@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cluster.config import ServeConfig
-from cluster.replica import ReplicaStartError, graph_reserve, kv_blocks
+from cluster.runtime.kv_budget import KVBudgetError, graph_reserve, kv_blocks
 from shard.config import ModelConfig
 from shard.graphs import graph_memory_bound
 from tests.conftest import SHARED
@@ -39,6 +39,6 @@ def test_cuda_graphs_take_their_bound_out_of_the_kv_budget_on_gpus_only():
 
 def test_a_budget_the_graphs_fill_names_them():
     tiny = ServeConfig.from_dict({**config().to_dict(), "kv_cache": {"memory_per_shard": "64MiB", "block_size": 16}})
-    with pytest.raises(ReplicaStartError, match=r"less \d+ bytes for the CUDA graphs \(shard.cuda_graphs\)"):
+    with pytest.raises(KVBudgetError, match=r"less \d+ bytes for the CUDA graphs \(shard.cuda_graphs\)"):
         kv_blocks(tiny, LLAMA_405B, gpu=True)
     assert kv_blocks(tiny, LLAMA_405B, gpu=False) > 0

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from cluster.local import LocalReplica
-from cluster.offline import Request, blocks_needed, generate
+from cluster.runtime.processes import LocalReplica
+from cluster.engine.executor import LocalExecutor
+from cluster.engine.offline import blocks_needed, generate, Request
 from shard.layout import Layout
 from shard.sampler import SamplingParams
 from tests.synthetic import make_llama
@@ -28,7 +29,8 @@ def test_dead_rank_fails_the_step_fast_and_cleans_up(model_dir):
                            progress=False, timeout_s=15)
     procs = list(replica._procs)
     try:
-        events = generate(replica, requests, frozenset())
+        events = generate(LocalExecutor(replica), requests, frozenset(), num_blocks=replica.num_blocks,
+                          block_size=replica.block_size)
         next(events)  # the replica works ...
         procs[-1].kill()  # ... until the last stage's rank dies
         procs[-1].join()

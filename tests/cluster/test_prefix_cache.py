@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from cluster.engine import Engine
-from cluster.local import LocalReplica
-from cluster.scheduler import BlockManager, Scheduler, block_hashes
+from cluster.engine.engine import Engine
+from cluster.engine.executor import LocalExecutor
+from cluster.runtime.processes import LocalReplica
+from cluster.engine.kv_cache import block_hashes, BlockManager
+from cluster.engine.scheduler import Scheduler
 from shard.layout import Layout
 from shard.sampler import SamplingParams
 from tests.cluster.test_scheduler import EOS, FakeModel, reference
@@ -294,19 +295,6 @@ def test_shared_prefix_workload_matches_reference_and_every_block_is_free_or_cac
 
 # ---- the engine over multi-rank replicas ----
 
-class ReplicaExecutor:
-    """Steps of the engine on a LocalReplica (every rank a process, joined by gloo), one at a time."""
-
-    def __init__(self, replica: LocalReplica):
-        self.replica, self._thread = replica, ThreadPoolExecutor(1)
-
-    async def execute(self, step):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self.replica.step, step)
-
-    async def close(self) -> None:
-        self._thread.shutdown(wait=True)
-
-
 def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     from transformers import LlamaForCausalLM
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -337,7 +325,7 @@ NEW = 10
 
 
 async def serve_turns(replica, first, second, caching: bool, num_blocks: int):
-    engine = Engine(ReplicaExecutor(replica), replica.cfg, frozenset(), num_blocks=num_blocks, block_size=BS,
+    engine = Engine(LocalExecutor(replica), replica.cfg, frozenset(), num_blocks=num_blocks, block_size=BS,
                     lanes=replica.layout.pp, max_num_seqs=4, max_tokens_per_step=16, prefix_caching=caching)
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
 
@@ -374,9 +362,9 @@ def test_engine_with_cache_gives_the_tokens_of_the_cache_off_and_of_transformers
 
 def test_prometheus_and_status_show_each_replicas_prefix_cache():
     from caravan.v1 import admin_pb2
-    from cluster.client import format_status
-    from cluster.engine import EngineStats
-    from cluster.metrics import RouterMetrics
+    from cluster.cli.client import format_status
+    from cluster.engine.engine import EngineStats
+    from cluster.api.metrics import RouterMetrics
 
     def stats(hit_tokens, prompt_tokens, evictions):
         return EngineStats(num_blocks=64, free_blocks=60, running=1, waiting=0, steps=9, preemptions=0, failed=None,

@@ -11,9 +11,11 @@ from dataclasses import asdict
 
 import pytest
 
-from cluster.engine import Engine, LocalExecutor
-from cluster.routing import PREFIX_SUMMARY_BLOCKS, PrefixSummaries, RoutedSinceReport, rank_replicas, routing_stats
-from cluster.scheduler import Scheduler
+from cluster.engine.engine import Engine
+
+from cluster.engine.executor import LocalExecutor
+from cluster.deploy.request_router import PREFIX_SUMMARY_BLOCKS, PrefixSummaries, rank_replicas, RoutedSinceReport, routing_stats
+from cluster.engine.scheduler import Scheduler
 from shard.config import ModelConfig
 from shard.layout import Layout
 from shard.parallel import ParallelContext

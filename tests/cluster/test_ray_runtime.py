@@ -18,11 +18,12 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from cluster.config import ConfigError, ServeConfig
-from cluster.engine import ReplicaFailed
-from cluster.placement import PlacementError
-from cluster.app import deploy, delete, scale
-from cluster.backends import ServeBackend
-from cluster.serve import ReplicaClient, target_replicas
+from cluster.engine.engine import ReplicaFailed
+from cluster.runtime.placement import PlacementError
+from cluster.deploy.controller import delete, deploy, scale
+from cluster.deploy.backend import ServeBackend
+from cluster.deploy.controller import target_replicas
+from cluster.deploy.replica_client import ReplicaClient
 from shard.sampler import SamplingParams
 from tests.cluster.test_equivalence import NEW_TOKENS, reference
 from tests.conftest import LLAMA31_TOKENIZER

@@ -17,11 +17,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
-from cluster.backends import LocalBackend
+from cluster.api.backend import LocalBackend
 from cluster.config import ServeConfig
-from cluster.engine import Engine, EngineStats, LocalExecutor
-from cluster.router import build_router
-from cluster.tokenizer import checkpoint_eos_ids
+from cluster.engine.engine import Engine, EngineStats
+from cluster.engine.executor import LocalExecutor
+from cluster.api.server import build_router
+from cluster.engine.request import checkpoint_eos_ids
+from cluster.runtime.report import ReplicaInfo
 from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.worker import ShardWorker
@@ -59,7 +61,7 @@ def local_router(model_dir, worker, tmp_path, **router):
 @pytest.fixture(scope="module")
 def served(smollm2_dir, worker, tmp_path_factory):
     rt = local_router(smollm2_dir, worker, tmp_path_factory.mktemp("router"), max_in_flight=128)
-    clients = Clients(rt.channel(), rt.router.admin_token)
+    clients = Clients(rt.channel(), rt.router.credentials.token)
     clients.wait_health(SERVING)
     yield rt, clients
     rt.close()
@@ -101,7 +103,7 @@ def test_llama31_chat_template_through_tokenize(tmp_path):
         shutil.copy(f, folder)
     rt = RouterThread(_stub_router(folder, tmp_path))
     try:
-        c = Clients(rt.channel(), rt.router.admin_token)
+        c = Clients(rt.channel(), rt.router.credentials.token)
         ids = c.inference.Tokenize(pb.TokenizeRequest(chat=pb.Chat(messages=[
             pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hi")]))).token_ids
         text = c.inference.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
@@ -252,25 +254,19 @@ def test_health_reflection_and_metrics(served):
 
 # ---- without an engine: auth, health rules, drain ----
 
-@dataclass
-class FakeInfo:
-    name: str
-    stats: EngineStats
-    progress_age_s: float = 0.1
-    report_age_s: float = 0.0
-    shards: tuple = ()
-    shard_healthy: tuple = ()
+def FakeInfo(name: str, stats: EngineStats, progress_age_s: float = 0.1) -> ReplicaInfo:
+    return ReplicaInfo(name, [], stats, progress_age_s=progress_age_s, shard_healthy=[])
 
 
 class StubBackend:
     """Replica reports set by the test; generate streams nothing until released."""
 
     def __init__(self):
-        self.reports: list[FakeInfo] = []
+        self.reports: list[ReplicaInfo] = []
         self.release = asyncio.Event()
 
     async def generate(self, prompt_ids, params):
-        from cluster.scheduler import TokenUpdate
+        from cluster.engine.scheduler import TokenUpdate
         from shard.sampler import Sample
         await self.release.wait()
         yield TokenUpdate(0, Sample(72), "length")
@@ -330,7 +326,7 @@ def test_health_follows_replica_progress(smollm2_dir, tmp_path):
     backend = StubBackend()
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend, wait_for_replica_s=0.3))
     try:
-        c = Clients(rt.channel(), rt.router.admin_token)
+        c = Clients(rt.channel(), rt.router.credentials.token)
         assert c.health_status() == NOT_SERVING and c.health_status("caravan.router") == SERVING
         assert c.status().pending == "1 replica(s) starting (placement, shards, weights)"
         with pytest.raises(grpc.RpcError) as e:
@@ -361,7 +357,7 @@ def test_while_no_replica_serves_requests_wait_for_one_within_bounds(smollm2_dir
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend, wait_for_replica_s=2.0, max_in_flight=2,
                                   metrics_port=0))
     try:
-        c = Clients(rt.channel(), rt.router.admin_token)
+        c = Clients(rt.channel(), rt.router.credentials.token)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
@@ -392,7 +388,7 @@ def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
     backend = StubBackend()
     backend.reports = [FakeInfo("a", _stats())]
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
-    c = Clients(rt.channel(), rt.router.admin_token)
+    c = Clients(rt.channel(), rt.router.credentials.token)
     c.wait_health(SERVING, timeout_s=2)
     in_flight = c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
     while rt.router.in_flight == 0:

@@ -8,9 +8,8 @@ import asyncio
 
 from ray.serve.request_router import PendingRequest
 
-from cluster.routing import (PREFIX_SUMMARY_BLOCKS, PrefixSummaries, RoutedSinceReport, free_capacity, prompt_tokens,
-                             rank_replicas, routing_stats)
-from cluster.scheduler import block_hashes
+from cluster.deploy.request_router import free_capacity, PREFIX_SUMMARY_BLOCKS, PrefixSummaries, prompt_tokens, rank_replicas, RoutedSinceReport, routing_stats
+from cluster.engine.kv_cache import block_hashes
 from shard.sampler import SamplingParams
 
 

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from cluster.offline import RequestError
-from cluster.scheduler import Batch, Scheduler
+from cluster.engine.request import RequestError
+from cluster.engine.scheduler import Batch, Scheduler
 from shard.sampler import Sample, SamplingParams
 
 VOCAB = 1000

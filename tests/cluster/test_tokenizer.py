@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from cluster.api.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 from tests.conftest import LLAMA31_TOKENIZER
 
 CONVERSATION = [

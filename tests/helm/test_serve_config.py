@@ -1,4 +1,4 @@
-"""The RayService's serveConfigV2 is the application cluster/app.py builds: `cluster.app:build` with
+"""The RayService's serveConfigV2 is the application cluster/deploy/app.py builds: `cluster.deploy.app:build` with
 the Caravan config as args (loaded strictly, as Serve will), the replica count only as the `replica`
 deployment's num_replicas, and a layout the worker group holds by the runtime's own placement rule."""
 
@@ -8,9 +8,11 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.app import DEPLOYMENT, IMPORT_PATH, NOT_ARGS
+from cluster.deploy.controller import NOT_ARGS
+
+from cluster.deploy.names import DEPLOYMENT, IMPORT_PATH
 from cluster.config import ServeConfig
-from cluster.placement import Node, check_capacity, shard_resource
+from cluster.runtime.placement import check_capacity, Node, shard_resource
 from shard.layout import Layout
 from tests.helm.chart import VALUE_SETS, Helm, app_args, one, serve_config, values
 
@@ -77,3 +79,21 @@ def test_worker_group_holds_the_layout(helm: Helm, example: str | None, replicas
     per_node = gpus or int(params["num-cpus"]) - 1  # a CPU node keeps one Ray CPU for the engines
     assert per_node % layout.tp == 0, "a TP group would straddle two nodes"
     assert (len(ray_nodes) - 1) * (per_node // layout.tp) < count * layout.pp, "a node would stay idle"
+
+
+def test_the_old_import_path_still_builds_the_application(caplog):
+    """Serve configs written before cluster/ had layers name `cluster.app:build`: it builds the same
+    application (here: refuses the same bad args with the same message), with a warning naming the new path."""
+    from ray.serve._private.utils import import_attr
+
+    from cluster.config import ConfigError
+
+    old = import_attr("cluster.app:build")
+    new = import_attr(IMPORT_PATH)
+    messages = []
+    for build in (old, new):
+        with pytest.raises(ConfigError) as e:
+            build({"replicas": 2})
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and "num_replicas" in messages[0]
+    assert any("cluster.deploy.app:build" in r.getMessage() for r in caplog.records)

@@ -11,7 +11,7 @@ from typing import Any, get_type_hints
 
 import pytest
 
-from cluster.app import NOT_ARGS
+from cluster.deploy.controller import NOT_ARGS
 from cluster.config import RouterSection, ServeConfig
 from tests.helm.chart import CHART, Helm
 
@@ -39,6 +39,8 @@ def refused(helm: Helm, example: str | None, *options: str) -> str:
     ("caravan.router.port", "8080", "at '/caravan/router': additional properties 'port' not allowed"),
     ("image.tag", "", "at '/image/tag': minLength: got 0, want 1"),
     ("caravan.model.path", "models/llama", "at '/caravan/model/path'"),
+    # A percentage needs the scale subresource that a RayCluster lacks (templates/poddisruptionbudget.yaml).
+    ("podDisruptionBudget.maxUnavailable", "10%", "at '/podDisruptionBudget/maxUnavailable': got string, want integer"),
 ])
 def test_schema_refuses_wrong_values(helm: Helm, key: str, value: str, expected: str) -> None:
     assert expected in refused(helm, None, "--set", f"{key}={value}")

@@ -2,7 +2,7 @@
 The Caravan config as the Serve application's args: the `caravan` values plus the router keys the
 chart owns. Never `replicas` (the `replica` deployment's num_replicas: a change of args restarts
 every replica, a change of num_replicas scales in place), nor `address` and `local_cluster`, which
-only tell the CLI where to run (cluster/app.py, NOT_ARGS).
+only tell the CLI where to run (cluster/deploy/controller.py, NOT_ARGS).
 */}}
 {{- define "caravan.args" -}}
 {{- $router := deepCopy .Values.caravan.router -}}
@@ -36,7 +36,7 @@ in no Service of the chart.
 proxy_location: HeadOnly
 applications:
   - name: {{ .Values.caravan.name }}
-    import_path: cluster.app:build
+    import_path: cluster.deploy.app:build
     args:
       {{- include "caravan.args" . | nindent 6 }}
     deployments:

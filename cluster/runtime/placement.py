@@ -7,14 +7,18 @@ come in TP groups, so ranks are assigned only once the bundles have landed: each
 in groups of TP, become the next stages. A node whose bundle count is not a multiple of TP would
 split a TP group across nodes; that is refused with the table of what landed where.
 
-Pure functions over resource dicts, so the rules are tested without a cluster; `cluster_nodes()`
-is the one call into Ray.
+Pure functions over resource dicts, so the rules are tested without a cluster; `cluster_nodes()`,
+`free_nodes()` and `places_of()` read Ray's view.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+
+import ray
+from ray._private.state import available_resources_per_node
+from ray.util.placement_group import PlacementGroup, placement_group_table
 
 from shard.layout import Layout
 
@@ -43,7 +47,6 @@ class ShardPlace:
 
 
 def cluster_nodes() -> list[Node]:
-    import ray
     return [Node(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"])) for n in ray.nodes() if n["Alive"]]
 
 
@@ -84,7 +87,6 @@ def shortfall(layout: Layout, replicas: int, resource: str, nodes: list[Node], h
 
 def free_nodes() -> list[Node]:
     """Live nodes with the resources nothing holds now (`ray status`'s usage, per node)."""
-    from ray._private.state import available_resources_per_node
     free = available_resources_per_node()
     return [Node(n.node_id, n.ip, dict(free.get(n.node_id, {}))) for n in cluster_nodes()]
 
@@ -108,6 +110,12 @@ def assign_ranks(layout: Layout, bundle_nodes: dict[int, str], ips: dict[str, st
             places.append(ShardPlace(rank, stage, tp_rank, bundle, node, ips.get(node, "?")))
             rank += 1
     return places
+
+
+def places_of(pg: PlacementGroup, layout: Layout) -> list[ShardPlace]:
+    """The ranks of a placed group's shard bundles, by the nodes Ray put them on."""
+    bundle_nodes = {int(b): n for b, n in placement_group_table(pg)["bundles_to_node_id"].items()}
+    return assign_ranks(layout, bundle_nodes, {n.node_id: n.ip for n in cluster_nodes()})
 
 
 def format_places(places: list[ShardPlace]) -> str:

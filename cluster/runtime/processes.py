@@ -2,13 +2,14 @@
 
 The calling process is rank 0 (stage 0, TP rank 0) and drives: it broadcasts each step to the
 other ranks over the gloo group, runs its own shard, and receives the sampled tokens from the
-last stage. Ranks 1..world-1 are spawned processes that loop on steps until told to stop.
+last stage. Ranks 1..world-1 are spawned processes that loop on steps until told to stop. Its
+`execute(step)` is a worker's, so an engine or the offline driver drives it through
+`cluster.engine.executor.LocalExecutor`.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cluster.runtime.ports import free_port
 from shard.config import ModelConfig
 from shard.layout import Layout, check_layout
 from shard.loader import Checkpoint
@@ -25,12 +27,6 @@ from shard.worker import ShardWorker, StepInput, StepOutput
 
 class ReplicaError(RuntimeError):
     """A rank failed; the message carries every failed rank's traceback."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def threads_per_rank(world_size: int) -> int:
@@ -53,7 +49,7 @@ class LocalReplica:
         # forkserver: torch is imported once in the server and every rank forks from it (seconds
         # saved per rank on a small machine); the server never touches CUDA, so forking is safe.
         procs = mp.get_context("forkserver")
-        procs.set_forkserver_preload(["torch", "cluster.local"])
+        procs.set_forkserver_preload(["torch", "cluster.runtime.processes"])
         self._errors = procs.SimpleQueue()
         threads = threads_per_rank(layout.world_size)
         for rank in range(1, layout.world_size):
@@ -73,7 +69,7 @@ class LocalReplica:
             self._fail(e)
         self._last = layout.rank(layout.pp - 1, 0)
 
-    def step(self, step: StepInput) -> StepOutput:
+    def execute(self, step: StepInput) -> StepOutput:
         try:
             if self.layout.world_size > 1:
                 dist.broadcast_object_list([step], src=0, group=self.ctx.cpu_group)

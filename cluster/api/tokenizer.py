@@ -6,21 +6,11 @@ happens here, once, in front of the pipeline.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-
-def checkpoint_eos_ids(folder: str | Path) -> frozenset[int]:
-    """End-of-sequence ids from the model's configs. Instruct checkpoints stop on several ids
-    (Llama 3.1: <|end_of_text|>, <|eom_id|>, <|eot_id|>) while the tokenizer names only one."""
-    eos: set[int] = set()
-    for name in ("config.json", "generation_config.json"):
-        if (Path(folder) / name).is_file():
-            value = json.loads((Path(folder) / name).read_text()).get("eos_token_id")
-            eos.update([value] if isinstance(value, int) else value or [])
-    return frozenset(eos)
+from cluster.engine.request import checkpoint_eos_ids
 
 
 class TokenizerError(ValueError):

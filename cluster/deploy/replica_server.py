@@ -5,95 +5,46 @@ A replica's placement group is bundle 0 for the replica itself (the engine: sche
 streaming only) plus one bundle per shard. Health has two tiers: while steps complete, they prove
 every shard works (each step waits on all of them); an idle replica pings every shard and runs a
 one-token probe through its engine. When the engine fails (a dead shard, a step past its timeout)
-or a ping or the probe fails, the replica repairs itself in place (`RayReplica.repair`: new shards
-for the lost ranks only) while its health check still passes; only a repair that fails within
-`timeouts.repair_s` fails the check, and Serve then kills the replica, whose shards die with it, and
-starts a fresh one. Each check reports to the `Registry` first, so status shows why.
+or a ping or the probe fails, the replica repairs itself in place (`cluster.runtime.repair`: new
+shards for the lost ranks only) while its health check still passes; only a repair that fails
+within `timeouts.repair_s` fails the check, and Serve then kills the replica, whose shards die with
+it, and starts a fresh one. Each check reports to the registry first, so status shows why.
 
-Requests go to the replica with the most free KV capacity (`cluster.routing`). The replica count
-changes in place (`cluster.app.set_replicas`, or a dashboard PUT): Serve adds or removes replicas and
-leaves the others running; one being removed gets no new requests and finishes its in-flight ones.
-
-`ReplicaClient` is the in-process API over the deployment that the router uses: it streams a
-request's tokens, sends a request whose replica failed again (resuming after the tokens it had
-streamed) within `router.wait_for_replica_s`, and cancels the request on its replica when the
-caller stops reading.
+Requests go to the replica with the most free KV capacity, or the one holding the request's prefix
+(`cluster.deploy.request_router`). The replica count changes in place (`cluster.deploy.controller`,
+or a dashboard PUT): Serve adds or removes replicas and leaves the others running; one being removed
+gets no new requests and finishes its in-flight ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import AsyncIterator
 
 import psutil
-import ray
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.config import RequestRouterConfig
 from ray.util import get_current_placement_group
 
-from cluster.actors import last_line
-from cluster.app import DEPLOYMENT
 from cluster.config import ServeConfig
-from cluster.engine import EngineStats, ReplicaFailed, ReplicaUnavailable, probe
-from cluster.placement import ENGINE_BUNDLE, ShardPlace, cluster_nodes, replica_bundles, shard_resource
-from cluster.replica import phases, start_replica
-from cluster.routing import PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, CapacityRouter, routing_stats
-from cluster.scheduler import TokenUpdate
-from shard.layout import Layout
+from cluster.deploy.names import DEPLOYMENT
+from cluster.deploy.registry import registry
+from cluster.deploy.request_router import PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, CapacityRouter, routing_stats
+from cluster.engine.engine import ReplicaFailed, probe
+from cluster.engine.scheduler import TokenUpdate
+from cluster.runtime.placement import ENGINE_BUNDLE, cluster_nodes, replica_bundles, shard_resource
+from cluster.runtime.repair import repair
+from cluster.runtime.replica import phases, start_replica
+from cluster.runtime.report import ReplicaInfo
 from shard.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "caravan"
 # In-place repairs within timeouts.repair_s before the replica is given up to Serve instead.
 MAX_REPAIRS = 3
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    name: str
-    shards: list[ShardPlace]
-    stats: EngineStats
-    progress_age_s: float          # at report time: since the engine last completed a step (or a probe)
-    shard_healthy: list[bool]      # one per entry of `shards`, from the last health check
-    report_age_s: float = 0.0      # filled by `Registry.infos`: how long ago this was reported
-    startup: str | None = None     # where the replica's start went, phase by phase
-    repairs: int = 0               # in-place repairs since the replica started
-    last_repair: str | None = None # what the last one replaced and where its time went
-
-
-def registry_name(app_name: str) -> str:
-    return f"{app_name}-registry"
-
-
-@ray.remote(num_cpus=0)
-class Registry:
-    """Where replicas say how they are, so that status and routing can see each one (Serve's
-    handle hides which replica answers). Each replica reports at every health check; an entry not
-    refreshed for `max_age_s` belongs to a replica that is gone."""
-
-    def __init__(self, max_age_s: float):
-        self.max_age_s = max_age_s
-        self._seen: dict[str, tuple[float, ReplicaInfo]] = {}
-
-    def report(self, info: ReplicaInfo) -> None:
-        self._seen[info.name] = (time.monotonic(), info)
-
-    def drop(self, name: str) -> None:
-        self._seen.pop(name, None)
-
-    def infos(self) -> list[ReplicaInfo]:
-        """Live replicas' last reports, by name, each with its age (this actor's clock: replicas'
-        clocks are on other nodes, so a report's age is the one comparison that needs none)."""
-        now = time.monotonic()
-        self._seen = {k: (t, i) for k, (t, i) in self._seen.items() if now - t <= self.max_age_s}
-        return [replace(i, report_age_s=now - t) for t, i in sorted(self._seen.values(), key=lambda ti: ti[1].name)]
 
 
 class ReplicaServer:
@@ -113,7 +64,7 @@ class ReplicaServer:
         self._repair_task: asyncio.Task | None = None
         self._given_up: str | None = None    # set when a repair failed: Serve must replace this replica
         self._failures: list[float] = []      # when the engine failed, within the last timeouts.repair_s
-        self.registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
+        self.registry = registry(config.name)
         self.registry.report.remote(self._info())
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -147,7 +98,7 @@ class ReplicaServer:
         self.engine.failed = f"repairing in place after: {reason}"
         self.registry.report.remote(self._info())
         try:
-            report = await self.replica.repair(ping_s=min(t.step_s, 2.0))
+            report = await repair(self.replica, ping_s=min(t.step_s, 2.0))
         except Exception as e:
             self._give_up(f"{reason}; the in-place repair failed: {e}")
             return
@@ -209,7 +160,7 @@ class ReplicaServer:
         return None
 
     def record_routing_stats(self) -> dict:
-        """What `cluster.routing.CapacityRouter` ranks replicas by (load, and which prefixes this
+        """What `cluster.deploy.request_router.CapacityRouter` ranks replicas by (load, and which prefixes this
         replica has cached); Serve polls it."""
         return routing_stats(asdict(self.engine.stats()), self.config.kv_cache.block_size,
                              self.engine.sched.cached_hashes(PREFIX_SUMMARY_BLOCKS))
@@ -222,8 +173,8 @@ class ReplicaServer:
 
 
 def replica_deployment(config: ServeConfig, model_dir: str):
-    """The bound `replica` deployment of `cluster.app`'s application: one placement group per replica."""
-    layout = Layout(config.layout.tp, config.layout.pp)
+    """The bound `replica` deployment of the application: one placement group per replica."""
+    layout = config.shard_layout
     resource = shard_resource(config.shard.device, cluster_nodes())
     t = config.timeouts
     return serve.deployment(ReplicaServer, name=DEPLOYMENT).options(
@@ -244,71 +195,3 @@ def replica_deployment(config: ServeConfig, model_dir: str):
             request_routing_stats_timeout_s=t.step_s,  # a replica whose loop cannot answer that long is stuck
         ),
     ).bind(config, model_dir, resource)
-
-
-def target_replicas(app_name: str) -> int:
-    """The replica count Serve is working towards; 0 when the application is not deployed."""
-    from cluster.app import serve_details
-    app = serve_details()["applications"].get(app_name)
-    return app["deployments"][DEPLOYMENT]["target_num_replicas"] if app and DEPLOYMENT in app["deployments"] else 0
-
-
-def serve_controller():
-    """Serve's controller actor (by Serve's private names: its Python API reads no instance details
-    and applies no declarative config; the dashboard's REST API calls it the same way)."""
-    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-
-
-class ReplicaClient:
-    """Streams requests to the application's replicas; `cluster.routing.CapacityRouter`, in this
-    process, picks the replica."""
-
-    RETRYABLE = (ReplicaFailed, RayActorError, ActorDiedError, ActorUnavailableError)
-    MAX_BACKOFF_S = 1.0
-
-    def __init__(self, app_name: str, *, handle=None, wait_s: float = 30.0, backoff_s: float = 0.1):
-        self.handle = handle if handle is not None else serve.get_deployment_handle(DEPLOYMENT, app_name)
-        self.registry = ray.get_actor(registry_name(app_name), namespace=NAMESPACE)
-        self.wait_s, self.backoff_s = wait_s, backoff_s
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
-        """A request's tokens. One whose replica fails (a shard died or hung, or the replica is out
-        of service while it repairs itself) goes to a replica again, with a growing pause, for up
-        to `wait_s` (`router.wait_for_replica_s`) in all. One that had streamed tokens resumes: the
-        prompt goes again with the tokens already streamed appended and the rest of its max_tokens,
-        and seeded sampling goes on at the same output index: the caller sees one unbroken stream,
-        the same tokens as without the failure. Leaving early (closing this iterator, or
-        cancelling its task) cancels the request on its replica, which aborts the sequence and frees
-        its KV blocks."""
-        start, streamed = time.monotonic(), []
-        for attempt in itertools.count(1):
-            ids, rest = prompt_ids + streamed, replace(params, max_tokens=params.max_tokens - len(streamed))
-            stream = self.handle.options(stream=True).generate.remote(ids, rest, len(streamed))
-            try:
-                async for update in stream:
-                    streamed.append(update.sample.token_id)
-                    yield update
-                return
-            except (GeneratorExit, asyncio.CancelledError):
-                stream.cancel()  # otherwise the replica generates on, for no one, holding its blocks
-                raise
-            except self.RETRYABLE as e:
-                waited = time.monotonic() - start
-                pause = min(self.backoff_s * 2 ** (attempt - 1), self.MAX_BACKOFF_S)
-                if waited + pause > self.wait_s:
-                    raise ReplicaUnavailable(
-                        f"no replica could finish the request within router.wait_for_replica_s={self.wait_s:g} "
-                        f"({attempt} attempts over {waited:.1f} s, {len(streamed)} tokens streamed); the cluster is "
-                        f"recovering, retry shortly. Last error: {_cause(e)}", retryable=False) from e
-                log.info("request failed after %d tokens (%s); %s in %.1f s", len(streamed), _cause(e),
-                         "resuming" if streamed else "retrying", pause)
-                await asyncio.sleep(pause)
-
-    async def infos(self) -> list[ReplicaInfo]:
-        """What each live replica last reported (within three health-check periods)."""
-        return await self.registry.infos.remote()
-
-
-def _cause(e: BaseException) -> str:
-    """The original error's message: Ray wraps what a replica raised in a RayTaskError."""
-    return last_line(getattr(e, "cause", None) or e)

@@ -1,17 +1,14 @@
 """`caravan serve`: join a Ray cluster (or start a local one that simulates nodes), check the config
-against the model and the cluster, and bring up the replicas.
-
-The local cluster is `ray.cluster_utils.Cluster`: a head node for Serve and the engines, plus
-`local_cluster.nodes` worker nodes, each with fake GPUs (Ray only counts them; the shards compute
-on CPU), so placement runs exactly as on a real multi-node cluster. Token authentication stays
-on: the local cluster is started with it, and a token is created in ~/.ray/auth_token if missing.
+against the model and the cluster, deploy the application and stay attached until drained.
+`serve_subprocess` runs it as a child process, as a user does, for benchmarks and end-to-end tests.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -20,71 +17,54 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+
+from cluster.cli import client
 from cluster.config import ServeConfig
-from shard.config import ModelConfig
-from shard.layout import Layout, check_layout
-from shard.loader import Checkpoint
+from cluster.deploy.app import model_dir_for
+from cluster.deploy.controller import delete, deploy, serve_config
+from cluster.deploy.names import ROUTER
+from cluster.deploy.replica_client import ReplicaClient
+from cluster.runtime.local_cluster import ray_cluster
+from cluster.runtime.placement import format_places
 
 log = logging.getLogger(__name__)
 
 
-def model_dir_for(config: ServeConfig, source: str) -> str:
-    """The checkpoint to serve, checked (config, layout, tensor headers) before anything starts."""
-    if config.model.path is None:
-        from shard.demo import ensure_demo_model
-        path = ensure_demo_model()
-    else:
+def add_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="bring up the model's replicas on a Ray cluster, from one YAML config")
+    srv.add_argument("config", nargs="?", type=Path, default=None,
+                     help="cluster config YAML (default: SmolLM2, TP 3 x PP 2, on a local Ray cluster simulating "
+                          "2 nodes); every key is listed in cluster/config.py")
+    srv.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
+                                                     "config's address or a local one")
+    srv.add_argument("--port", type=int, default=None, help="the router's gRPC port (default: router.port, 50051)")
+    srv.add_argument("--once", metavar="PROMPT", default=None,
+                     help="answer this chat prompt through the router's gRPC API, then drain and exit (a smoke test)")
+    srv.add_argument("--max-tokens", type=int, default=64, help="with --once: tokens to generate at most")
+    srv.add_argument("--print-serve-config", action="store_true",
+                     help="print the Ray Serve config (YAML) of this application, for `serve deploy` or the "
+                          "dashboard's REST API (PUT /api/serve/applications/), and exit")
+    srv.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    source = str(args.config) if args.config else "<default config>"
+    config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    if args.address:
+        config = dataclasses.replace(config, address=args.address)
+    if args.port is not None:
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, port=args.port))
+    if args.print_serve_config:
         config.check_model_path(source)
-        path = Path(config.model.path)
-    model = ModelConfig.from_pretrained(path)
-    check_layout(model, Layout(config.layout.tp, config.layout.pp))
-    Checkpoint.open(path).validate(model)
-    return str(path)
-
-
-@contextmanager
-def ray_cluster(config: ServeConfig) -> Iterator[tuple[str, str | None]]:
-    """Connects to `config.address`, or starts the simulated local cluster; yields (address,
-    dashboard URL) and disconnects (and stops a cluster it started) on exit."""
-    if config.address is None:
-        _enable_token_auth()  # before Ray reads its config
-    import ray
-    if config.address is not None:
-        ctx = ray.init(address=config.address, logging_level=logging.WARNING)
-        try:
-            yield config.address, ctx.dashboard_url
-        finally:
-            ray.shutdown()
-        return
-    from ray.cluster_utils import Cluster
-    local = config.local_cluster
-    gpus = local.gpus_for(config.layout, config.replicas)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
-                                                            "dashboard_port": dashboard_port()})
-    try:
-        for i in range(local.nodes):
-            cluster.add_node(num_cpus=local.cpus_per_node, num_gpus=gpus)
-        log.info("local Ray cluster: head + %d nodes with %d simulated GPUs each", local.nodes, gpus)
-        ctx = ray.init(address=cluster.address, logging_level=logging.WARNING)
-        yield cluster.address, ctx.dashboard_url
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def _enable_token_auth() -> None:
-    """Ray's own `ray.init()` turns token auth on for a new cluster; `Cluster` does not, so do it
-    the same way: the mode for this process and its children, and a token on disk."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if "ray" in sys.modules:  # Ray caches its config at import; read the mode again
-        from ray._raylet import Config
-        Config.initialize("")
-    token = Path.home() / ".ray" / "auth_token"
-    if os.environ["RAY_AUTH_MODE"] == "token" and not token.exists() and "RAY_AUTH_TOKEN" not in os.environ:
-        import secrets
-        token.parent.mkdir(parents=True, exist_ok=True)
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
+        print(yaml.safe_dump(serve_config(config), sort_keys=False), end="")
+        return 0
+    model_dir_for(config, source)  # the config against the model and its checkpoint, before Ray starts
+    return serve_attached(config, once=args.once, max_tokens=args.max_tokens)
 
 
 def serve_attached(config: ServeConfig, *, once: str | None = None, max_tokens: int = 64) -> int:
@@ -93,12 +73,6 @@ def serve_attached(config: ServeConfig, *, once: str | None = None, max_tokens: 
     router) or until the router has been drained (Admin.Drain, `caravan drain`); exit code 0. With
     `once`, asks the router for one chat answer over gRPC, prints it, and drains. An application it
     deployed on a cluster it joined is deleted on the way out; a local cluster stops with it."""
-    from ray import serve
-
-    from cluster.app import ROUTER, deploy
-    from cluster.placement import format_places
-    from cluster.serve import ReplicaClient
-
     with ray_cluster(config) as (address, dashboard):
         start = time.perf_counter()
         deploy(config)
@@ -114,7 +88,6 @@ def serve_attached(config: ServeConfig, *, once: str | None = None, max_tokens: 
             return asyncio.run(_attend(router, once, max_tokens))
         finally:
             if config.address is not None:
-                from cluster.app import delete
                 delete(config.name)
 
 
@@ -162,8 +135,6 @@ async def _attend(router, once: str | None, max_tokens: int) -> int:
 async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens: int) -> int:
     """One streamed chat answer through the router's gRPC port, by `caravan complete --chat`'s code
     (on a thread: its calls block): the path a client takes."""
-    from cluster import client
-
     deadline = time.monotonic() + 60
     while not await router.serving.remote():  # the first replica report may still be on its way
         if time.monotonic() > deadline:
@@ -178,29 +149,6 @@ async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens:
                                    err=sys.stderr)
 
 
-def dashboard_port(preferred: int = 8265) -> int:
-    """Ray's usual dashboard port, or a free one when something (another local Ray cluster) holds it:
-    the dashboard's URL is printed either way."""
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            return free_port()
-    return preferred
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, for a router started next (router.port 0 would hide it from the
-    caller, who must know where to connect)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve_subprocess(config_path: Path, target: str, *, timeout_s: float = 300.0,
                      stop_s: float = 90.0) -> Iterator[subprocess.Popen]:
@@ -209,9 +157,6 @@ def serve_subprocess(config_path: Path, target: str, *, timeout_s: float = 300.0
     process once the router at `target` reports SERVING; a child that exits first, or does not serve
     within `timeout_s`, is a RuntimeError quoting the end of its log. At the end, SIGTERM (a drain),
     and a kill if it has not stopped within `stop_s`."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     log_path = config_path.parent / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config_path)], stdout=log,

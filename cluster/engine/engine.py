@@ -6,9 +6,9 @@ tokens to their requests. With PP stages there are as many lanes as stages, so w
 runs batch A, stage 0 already runs batch B.
 
 A step that fails or runs past `step_timeout_s` fails the engine: every request gets
-`ReplicaFailed` (marked retryable when it has produced no token yet, so a caller can send it to
-another replica), and new requests get `ReplicaUnavailable`, until whoever owns the replica has
-repaired its shards and calls `resume()` (`cluster.serve.ReplicaServer`; `on_failure` tells it).
+`ReplicaFailed` (its caller sends it again, resuming after the tokens it had streamed), and new
+requests get `ReplicaUnavailable`, until whoever owns the replica has repaired its shards and calls
+`resume()` (`cluster.deploy.replica_server.ReplicaServer`; `on_failure` tells it).
 
 API, for the router and for tests: `generate(prompt_ids, params)` is an async iterator of
 `TokenUpdate`s; leaving it early (break, cancellation, client gone) aborts the sequence, whose
@@ -25,61 +25,25 @@ import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable
 
-from cluster.scheduler import Batch, Scheduler, TokenUpdate
+from cluster.engine.executor import Executor
+from cluster.engine.scheduler import Batch, Scheduler, TokenUpdate
 from shard.config import ModelConfig
 from shard.sampler import SamplingParams
-from shard.worker import ShardWorker, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
 
 class ReplicaFailed(RuntimeError):
-    """The replica died under a request. `retryable`: the request produced no token, so running
-    it again elsewhere gives the caller exactly what it would have got here."""
-
-    def __init__(self, message: str, retryable: bool):
-        super().__init__(message)
-        self.retryable = retryable
-
-    def __reduce__(self):
-        return type(self), (str(self), self.retryable)
+    """The replica died under a request. The caller may send the request again (to this replica once
+    it is repaired, or to another), resuming after the tokens it had streamed."""
 
 
 class ReplicaUnavailable(ReplicaFailed):
-    """The replica is out of service (failed or closing); always retryable."""
-
-    def __init__(self, message: str, retryable: bool = True):
-        super().__init__(message, retryable)
-
-
-class Executor(Protocol):
-    """Runs steps on a replica's shards. Calls may overlap (one per lane in flight); results come
-    back in call order."""
-
-    async def execute(self, step: StepInput) -> StepOutput: ...
-
-    async def close(self) -> None: ...
-
-
-class LocalExecutor:
-    """A world-size-1 shard in this process, on a thread of its own so that the event loop stays
-    free to take requests while a step runs."""
-
-    def __init__(self, worker: ShardWorker):
-        self.worker = worker
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="caravan-step")
-
-    async def execute(self, step: StepInput) -> StepOutput:
-        out = await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.execute, step)
-        assert out is not None
-        return out
-
-    async def close(self) -> None:
-        self._thread.shutdown(wait=True)
+    """The replica is out of service (failed, repairing or closing), or no replica could finish the
+    request in time."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +56,7 @@ class EngineStats:
     preemptions: int
     failed: str | None
     queued_tokens: int         # prompt tokens not yet prefilled: work owed beyond what the blocks show
-    # The prefix cache (`cluster.scheduler.CacheStats`), counted since the replica started.
+    # The prefix cache (`cluster.engine.kv_cache.CacheStats`), counted since the replica started.
     # `free_blocks` counts the cached blocks no sequence holds: they are taken back when needed.
     prefix_cached_blocks: int = 0
     prefix_requests: int = 0
@@ -119,7 +83,6 @@ class Engine:
         self.on_failure: Callable[[str], None] | None = None
         self._ids = itertools.count()
         self._streams: dict[int, asyncio.Queue] = {}
-        self._produced: dict[int, int] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -145,7 +108,7 @@ class Engine:
         seq_id = next(self._ids)
         self.sched.add(seq_id, prompt_ids, params, output_offset)
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[seq_id], self._produced[seq_id] = queue, 0
+        self._streams[seq_id] = queue
         self._ensure_loop()
         self._wake.set()
         try:
@@ -159,7 +122,6 @@ class Engine:
         finally:
             if self._streams.pop(seq_id, None) is not None and self.failed is None:
                 self.sched.abort(seq_id)  # left early: free its blocks now, or when its batch returns
-            self._produced.pop(seq_id, None)
 
     def abort(self, request_id: int) -> bool:
         """Ends a request from outside its iterator; it sees `asyncio.CancelledError`."""
@@ -205,7 +167,7 @@ class Engine:
                 await asyncio.wait((future,), timeout=self.step_timeout_s)
                 if not future.done():
                     raise ReplicaFailed(f"a step of {len(batch.seqs)} sequences ({batch.num_tokens} tokens) ran past "
-                                        f"the {self.step_timeout_s:g} s step timeout", retryable=False)
+                                        f"the {self.step_timeout_s:g} s step timeout")
                 in_flight.popleft()
                 out = future.result()
                 self.steps += 1
@@ -213,7 +175,6 @@ class Engine:
                 for update in self.sched.update(batch, out.samples):
                     queue = self._streams.get(update.seq_id)
                     if queue is not None:
-                        self._produced[update.seq_id] += 1
                         queue.put_nowait(update)
                         if update.finish_reason is not None:
                             self._streams.pop(update.seq_id)
@@ -244,14 +205,13 @@ class Engine:
         self.last_progress = time.monotonic()
 
     def _fail(self, reason: str, unavailable: bool = False) -> None:
-        """Fails every request (retryable when it has no token yet) and forgets every sequence."""
+        """Fails every request and forgets every sequence."""
         first = self.failed is None
         if first:
             self.failed = reason
-        for seq_id, queue in list(self._streams.items()):
-            retryable = self._produced.get(seq_id, 0) == 0
-            cls = ReplicaUnavailable if unavailable else ReplicaFailed
-            queue.put_nowait(cls(f"{self.name} failed: {reason}", retryable))
+        cls = ReplicaUnavailable if unavailable else ReplicaFailed
+        for queue in self._streams.values():
+            queue.put_nowait(cls(f"{self.name} failed: {reason}"))
         self._streams.clear()
         self.sched.fail_all()
         if first and not unavailable and self.on_failure is not None:

@@ -14,7 +14,7 @@ not reported yet, goes last.
 
 Cache-aware: each replica also reports the chain hashes of up to `PREFIX_SUMMARY_BLOCKS` of its
 cached KV blocks, most recently used first (`routing_stats`). The router computes the request's
-own chain (`cluster.scheduler.block_hashes`, the engine's) and so each replica's cached prefix of
+own chain (`cluster.engine.kv_cache.block_hashes`, the engine's) and so each replica's cached prefix of
 the request, in tokens. A replica that holds some of it takes the request, the longest prefix
 first, unless it is much busier than the others: its free capacity after taking the request
 (free capacity - the prompt's uncached tokens) more than `AFFINITY_SLACK` of its whole KV below
@@ -35,7 +35,7 @@ from typing import Any, Hashable, Mapping, Sequence, TypeVar
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from cluster.scheduler import block_hashes
+from cluster.engine.kv_cache import block_hashes
 
 K = TypeVar("K", bound=Hashable)
 

@@ -7,7 +7,7 @@ appears, the output ends just before it.
 
 from __future__ import annotations
 
-from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+from cluster.api.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class TextStream:

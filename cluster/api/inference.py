@@ -1,0 +1,170 @@
+"""The Inference service: Generate, Tokenize, Detokenize, ModelInfo.
+
+`Inference.stream` is the one path of a request inside the router, whichever door it came in by: a
+checked prompt and parameters in, text chunks out. It waits for a serving replica, hands the ids
+to the backend (which picks the replica), turns tokens into text with stop strings applied, and
+counts the request's metrics. Leaving its iterator (a finished or cancelled call, a deadline, a
+stop string) closes the replica's stream, which aborts the sequence there and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from caravan.v1 import inference_pb2 as pb
+from cluster.api.admission import Admission
+from cluster.api.backend import Backend
+from cluster.api.metrics import RouterMetrics
+from cluster.api.textstream import TextStream
+from cluster.api.tokenizer import Tokenizer
+from cluster.api.validate import (Limits, check_chat, check_generate, check_prompt_length, check_text, check_token_ids,
+                                  invalid)
+from cluster.config import ServeConfig
+from shard.sampler import Sample, SamplingParams
+
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    total_time_s: float
+
+
+@dataclass
+class Chunk:
+    """Text that can be sent, with the tokens it came from (an incomplete character's tokens go out
+    with the next text); the last chunk has a finish reason and the usage."""
+    text: str
+    samples: list[Sample] = field(default_factory=list)
+    finish_reason: str | None = None     # "stop" (EOS, a stop id or a stop string) or "length"
+    usage: Usage | None = None
+
+
+class Inference:
+    def __init__(self, config: ServeConfig, tokenizer: Tokenizer, limits: Limits, backend: Backend,
+                 admission: Admission, metrics: RouterMetrics, model_name: str):
+        self.config, self.tokenizer, self.limits, self.backend = config, tokenizer, limits, backend
+        self.admission, self.metrics, self.model_name = admission, metrics, model_name
+        self._ids = itertools.count(1)
+
+    def request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, stop: tuple[str, ...], received: float,
+                     time_remaining: float | None = None) -> AsyncIterator[Chunk]:
+        """The request's text as its replica samples it. The caller holds an admission place."""
+        self.metrics.queue_depth.inc()
+        first_sent: float | None = None
+        try:
+            await self.admission.wait_for_replica(time_remaining)
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+            text, samples, produced = TextStream(self.tokenizer, stop), [], 0
+            async with aclosing(self.backend.generate(prompt_ids, params)) as updates:
+                async for update in updates:
+                    produced += 1
+                    samples.append(update.sample)
+                    delta = text.push(update.sample.token_id)
+                    finish = "stop" if text.stopped else update.finish_reason
+                    if finish is not None and not text.stopped:
+                        delta += text.finish()
+                    if not delta and finish is None:
+                        continue  # an incomplete character: its ids go out with the next text
+                    if first_sent is None:
+                        first_sent = time.monotonic()
+                        self.metrics.queue_depth.dec()
+                        self.metrics.ttft.observe(first_sent - received)
+                    chunk = Chunk(delta, samples)
+                    self.metrics.add_generated(len(samples))
+                    samples = []
+                    if finish is not None:
+                        chunk.finish_reason, chunk.usage = finish, self._usage(len(prompt_ids), produced, received,
+                                                                               first_sent)
+                    yield chunk
+                    if finish is not None:
+                        return  # leaving the stream early (a stop string) aborts the sequence
+        finally:
+            if first_sent is None:
+                self.metrics.queue_depth.dec()
+
+    def _usage(self, prompt_tokens: int, produced: int, received: float, first_sent: float) -> Usage:
+        done = time.monotonic()
+        if produced > 1:
+            self.metrics.tpot.observe((done - first_sent) / (produced - 1))
+        return Usage(prompt_tokens, produced, first_sent - received, done - received)
+
+    async def prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+        which = req.WhichOneof("input")
+        if which == "token_ids":
+            return list(req.token_ids.ids)
+        if which == "prompt":
+            return await asyncio.to_thread(self.tokenizer.encode, req.prompt)
+        return await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat")
+
+    async def chat_ids(self, messages: list[dict], field: str) -> list[int]:
+        """A checked conversation through the model's own chat template."""
+        try:
+            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+        except Exception as e:  # the template's own rules (alternating roles, a system turn first, ...)
+            raise invalid(f"{field}.messages", f"the model's chat template refused them: {e}") from None
+
+    # ---- the gRPC methods ----
+
+    async def Generate(self, req: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.monotonic()
+        gen = check_generate(req, self.limits)
+        with self.admission.admitted():
+            prompt_ids = await self.prompt_ids(req)
+            params = check_prompt_length(gen, len(prompt_ids), self.limits)
+            first = pb.GenerateResponse(request_id=self.request_id(),
+                                        prompt_token_ids=prompt_ids if gen.echo_prompt_ids else ())
+            remaining = context.time_remaining() if context is not None else None
+            async for chunk in self.stream(prompt_ids, params, gen.stop, received, remaining):
+                response, first = (first if first is not None else pb.GenerateResponse()), None
+                response.text = chunk.text
+                response.token_ids[:] = [s.token_id for s in chunk.samples]
+                if params.logprobs is not None:
+                    response.logprobs.extend(_logprob(s) for s in chunk.samples)
+                if chunk.finish_reason is not None:
+                    u = chunk.usage
+                    response.finish_reason = _FINISH[chunk.finish_reason]
+                    response.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens,
+                                                     completion_tokens=u.completion_tokens,
+                                                     time_to_first_token_s=u.time_to_first_token_s,
+                                                     total_time_s=u.total_time_s))
+                yield response
+
+    async def Tokenize(self, req: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        which = req.WhichOneof("input")
+        if which is None:
+            raise invalid("input", "is missing; set one of text or chat")
+        if which == "text":
+            check_text(req.text, "text", self.limits)
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.text)
+        else:
+            ids = await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat")
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, req: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        ids = check_token_ids(req.token_ids, "token_ids", self.limits, allow_empty=True)
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, req.skip_special_tokens))
+
+    async def ModelInfo(self, req: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
+        layout = self.config.layout
+        return pb.ModelInfoResponse(
+            model=self.model_name, context_length=self.limits.context_length, vocab_size=self.limits.vocab_size,
+            tensor_parallel=layout.tp, pipeline_parallel=layout.pp, replicas=len(self.admission.health.replicas),
+            dtype=self.config.model.dtype, eos_token_ids=sorted(self.tokenizer.eos_token_ids),
+            chat_template=self.limits.has_chat_template)
+
+
+def _logprob(s: Sample) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=s.token_id, logprob=s.logprob or 0.0,
+                           top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs or ()])

@@ -1,0 +1,171 @@
+"""gRPC plumbing of the router: raw-bytes handlers (so that `validate.parse` can name a field the
+protobuf runtime refuses), the mapping of the router's exceptions to status codes, bearer-token
+auth, and the files the transport reads (token, TLS key and chain)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health
+
+from caravan.v1 import admin_pb2 as apb
+from caravan.v1 import inference_pb2 as pb
+from cluster.api.admission import Refused
+from cluster.api.metrics import RouterMetrics
+from cluster.api.validate import InvalidRequest, parse
+from cluster.config import ConfigError, RouterSection
+from cluster.engine.engine import ReplicaFailed, ReplicaUnavailable
+from cluster.runtime.placement import PlacementError
+
+log = logging.getLogger(__name__)
+
+INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"]
+ADMIN = apb.DESCRIPTOR.services_by_name["Admin"]
+_USER_ERRORS = (InvalidRequest, Refused)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    token: str
+    for_all: bool       # every RPC but health needs the token; else only Admin does
+    file: Path          # where the token is, for the error message
+
+
+def handlers(service, servicer, metrics: RouterMetrics) -> grpc.GenericRpcHandler:
+    """The service's methods on `servicer` (one method per RPC, by name), taking raw bytes."""
+    methods = {}
+    for m in service.methods:
+        request_cls, response_cls = pb_class(m.input_type), pb_class(m.output_type)
+        fn, name = getattr(servicer, m.name), f"{service.name}.{m.name}"
+        if m.server_streaming:
+            methods[m.name] = grpc.unary_stream_rpc_method_handler(
+                _streaming(fn, request_cls, name, metrics), response_serializer=response_cls.SerializeToString)
+        else:
+            methods[m.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(fn, request_cls, name, metrics), response_serializer=response_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, methods)
+
+
+def pb_class(descriptor):
+    module = pb if descriptor.file is pb.DESCRIPTOR else apb
+    return getattr(module, descriptor.name)
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, _USER_ERRORS):
+        return e.code, str(e)
+    if isinstance(e, ReplicaUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, ReplicaFailed):
+        return grpc.StatusCode.UNAVAILABLE, f"the replica failed: {e}"
+    if isinstance(e, PlacementError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    log.exception("internal error", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+@asynccontextmanager
+async def _outcome(name: str, metrics: RouterMetrics, context: grpc.aio.ServicerContext):
+    """Counts the RPC by the code it ends with, and turns the router's exceptions into statuses."""
+    try:
+        yield
+    except asyncio.CancelledError:  # the client cancelled, went away, or its deadline passed
+        metrics.requests.labels(name, _cancel_code(context)).inc()
+        raise
+    except Exception as e:
+        code, message = status_of(e)
+        metrics.requests.labels(name, code.name).inc()
+        await context.abort(code, message)
+    metrics.requests.labels(name, "OK").inc()
+
+
+def _unary(fn: Callable[..., Awaitable], request_cls, name: str, metrics: RouterMetrics):
+    async def handle(data: bytes, context: grpc.aio.ServicerContext):
+        async with _outcome(name, metrics, context):
+            return await fn(parse(request_cls, data), context)
+    return handle
+
+
+def _streaming(fn: Callable[..., AsyncIterator], request_cls, name: str, metrics: RouterMetrics):
+    async def handle(data: bytes, context: grpc.aio.ServicerContext):
+        async with _outcome(name, metrics, context):
+            async for response in fn(parse(request_cls, data), context):
+                yield response
+    return handle
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> str:
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Bearer-token check: Admin always, every other service when a token is configured; the health
+    service never (Kubernetes' gRPC probes cannot send headers)."""
+
+    def __init__(self, credentials: Credentials, metrics: RouterMetrics):
+        self.credentials, self.metrics = credentials, metrics
+        self.admin_prefix = f"/{ADMIN.full_name}/"
+        self.health_prefix = f"/{health.SERVICE_NAME}/"
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        method, creds = details.method, self.credentials
+        needs = method.startswith(self.admin_prefix) or (creds.for_all and not method.startswith(self.health_prefix))
+        handler = await continuation(details)
+        if not needs or handler is None or self._authorized(details.invocation_metadata):
+            return handler
+        source = ("router.auth_token_file " if creds.for_all else "") + str(creds.file)
+        message = ("missing or wrong bearer token: send metadata 'authorization: Bearer <token>' "
+                   f"(the token is in {source})")
+        self.metrics.requests.labels(method.strip("/").replace("/", "."), "UNAUTHENTICATED").inc()
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler.response_streaming:
+            async def refuse_stream(request, context):
+                await refuse(request, context)
+                yield  # makes this an async generator, as a streaming handler must be
+            return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    def _authorized(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                return hmac.compare_digest(value[len("Bearer "):].encode(), self.credentials.token.encode())
+        return False
+
+
+def read_pem(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path} ({e.strerror}); point it at a readable PEM file") from None
+
+
+def load_token(rc: RouterSection, default_file: Path) -> Credentials:
+    """A configured token file guards everything; without one, Admin RPCs still need a token,
+    generated once into `default_file` (mode 0600) for local CLIs."""
+    if rc.auth_token_file is not None:
+        path = Path(rc.auth_token_file)
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError("router.auth_token_file", f"cannot read {path} ({e.strerror}); point it at a "
+                                                        "readable file holding the token") from None
+        if not token:
+            raise ConfigError("router.auth_token_file", f"{path} is empty; write the token into it")
+        return Credentials(token, True, path)
+    if not default_file.exists() or not default_file.read_text().strip():
+        default_file.parent.mkdir(parents=True, exist_ok=True)
+        default_file.touch(mode=0o600)
+        default_file.write_text(secrets.token_urlsafe(32))
+    return Credentials(default_file.read_text().strip(), False, default_file)
