@@ -83,7 +83,8 @@ class ReplicaHealth:
         await self.servicer.set(INFERENCE_SERVICE, overall)
         for v in self.replicas:
             ok = v.serving and not self.draining
-            await self.servicer.set(REPLICA_SERVICE_PREFIX + v.info.name, _STATUS.SERVING if ok else _STATUS.NOT_SERVING)
+            await self.servicer.set(REPLICA_SERVICE_PREFIX + v.info.name,
+                                    _STATUS.SERVING if ok else _STATUS.NOT_SERVING)
 
     async def router_up(self) -> None:
         await self.servicer.set(ROUTER_SERVICE, _STATUS.SERVING)

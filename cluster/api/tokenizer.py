@@ -84,8 +84,12 @@ class IncrementalDetokenizer:
     Decoding only a short window (the ids not yet emitted as text, plus the ids of the previous piece
     as context) keeps the cost per token constant instead of re-decoding everything. A window whose text
     ends in U+FFFD stops mid-character (an emoji or CJK character spans several byte tokens), so its
-    text is held back until the character is complete.
+    text is held back until the character is complete, but for `MAX_HELD_TOKENS` tokens at most: a
+    UTF-8 character is at most 4 bytes, so longer runs are no character, and holding them would grow
+    the window, and the cost of every token, without bound.
     """
+
+    MAX_HELD_TOKENS = 8
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
@@ -113,7 +117,9 @@ class IncrementalDetokenizer:
         skip = self._skip_special_tokens
         prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip)
         window = self._tokenizer.decode(self._ids[self._prefix_offset :], skip)
-        if len(window) <= len(prefix) or (hold_partial and window.endswith("\ufffd")):
+        held = len(self._ids) - self._read_offset
+        partial = hold_partial and window.endswith("\ufffd") and held < self.MAX_HELD_TOKENS
+        if len(window) <= len(prefix) or partial:
             return ""
         delta = window[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

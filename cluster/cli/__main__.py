@@ -1,3 +1,5 @@
+"""`python -m cluster.cli`: the `caravan` command."""
+
 import sys
 
 from cluster.cli import main

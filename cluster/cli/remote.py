@@ -56,19 +56,19 @@ def _options(args: argparse.Namespace) -> Options:
 
 def _connect(args: argparse.Namespace, body) -> int:
     return client.run(args.command, args.server, body, token_file=args.token_file, tls_ca=args.tls_ca,
-               timeout=args.timeout, err=sys.stderr)
+                      timeout=args.timeout, err=sys.stderr)
 
 
 def _chat(args: argparse.Namespace) -> int:
     return _connect(args, lambda router: client.chat(router, _options(args), system=args.system, stdin=sys.stdin,
-                                              out=sys.stdout, err=sys.stderr))
+                                                     out=sys.stdout, err=sys.stderr))
 
 
 def _complete(args: argparse.Namespace) -> int:
     if args.logprobs and not args.json:
         args.parser.error("--logprobs needs --json (streamed text has nowhere to put them)")
     return _connect(args, lambda router: client.complete(router, args.prompt, _options(args), as_chat=args.chat,
-                                                  as_json=args.json, out=sys.stdout, err=sys.stderr))
+                                                         as_json=args.json, out=sys.stdout, err=sys.stderr))
 
 
 def _status(args: argparse.Namespace) -> int:

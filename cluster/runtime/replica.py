@@ -128,7 +128,8 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
         host, port = ray.get(replica.actors[0].open_store.remote(), timeout=cfg.timeouts.setup_s)
         _run(await_setup(name, {a.setup.remote(host, port): p for a, p in zip(replica.actors, places)}, deadline,
                          *limit))
-        replica.startup["process groups, weights, KV"] = time.monotonic() - start - replica.startup["shard processes up"]
+        up = replica.startup["shard processes up"]
+        replica.startup["process groups, weights, KV"] = time.monotonic() - start - up
     except BaseException:
         replica.kill()
         raise

@@ -117,6 +117,35 @@ def test_llama31_chat_template_through_tokenize(tmp_path):
         rt.close()
 
 
+def test_naming_the_broken_field_of_a_malformed_request_runs_off_the_event_loop(served, monkeypatch):
+    """The walk that names a field of invalid UTF-8 is slow on big requests (Python over every field):
+    it runs on a worker thread, never on the router's event loop, so health checks keep answering."""
+    import threading
+
+    from cluster.api import transport
+    from tests.cluster.malformed import _string_field
+
+    rt, c = served
+    threads = []
+
+    def recording(cls, data):
+        threads.append(threading.current_thread())
+        return real(cls, data)
+
+    real = transport.parse
+    monkeypatch.setattr(transport, "parse", recording)
+    loop_thread = rt.thread
+    payload = pb.GenerateRequest(max_tokens=1).SerializeToString() + _string_field(2, b"\xff" * 1024)
+    channel = rt.channel()
+    raw = channel.unary_stream("/caravan.v1.Inference/Generate", request_serializer=None,
+                               response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as e:
+        list(raw(payload, timeout=10, metadata=c.auth))
+    channel.close()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("prompt:")
+    assert threads and all(t is not loop_thread for t in threads)
+
+
 def test_malformed_requests_get_documented_codes_naming_the_field(served):
     rt, c = served
     suite = cases(rt.router.limits.context_length, rt.router.limits.vocab_size)
@@ -247,8 +276,8 @@ def test_health_reflection_and_metrics(served):
     for name in ("caravan_queue_depth", "caravan_running_sequences", "caravan_time_to_first_token_seconds_bucket",
                  "caravan_time_per_output_token_seconds_bucket", "caravan_generated_tokens_per_second",
                  "caravan_kv_cache_usage_ratio", 'caravan_replica_serving{replica="local"} 1.0',
-                 'caravan_requests_total{code="OK",method="Inference.Generate"}',
-                 'caravan_requests_total{code="INVALID_ARGUMENT",method="Inference.Generate"}'):
+                 'caravan_requests_total{api="grpc",code="OK",method="Inference.Generate"}',
+                 'caravan_requests_total{api="grpc",code="INVALID_ARGUMENT",method="Inference.Generate"}'):
         assert name in body, name
 
 

@@ -112,3 +112,27 @@ def test_tokenizer_without_chat_template(tmp_path: Path) -> None:
     shutil.copy(LLAMA31_TOKENIZER / "tokenizer.json", tmp_path / "tokenizer.json")
     with pytest.raises(TokenizerError, match="has no chat template"):
         Tokenizer.from_pretrained(tmp_path).apply_chat_template(CONVERSATION)
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many ids each decode call is given."""
+
+    def __init__(self, inner: Tokenizer):
+        self.inner, self.sizes = inner, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.sizes.append(len(ids))
+        return self.inner.decode(ids, skip_special_tokens)
+
+
+def test_a_long_run_of_incomplete_characters_costs_the_same_per_token(tokenizer: Tokenizer) -> None:
+    """8k tokens that never complete a character (the lead byte of an emoji, again and again): each
+    token decodes a bounded window, so the stream is linear in its length, and its text is still the
+    whole decode's."""
+    lead = tokenizer.encode("🦙", add_special_tokens=False)[0]
+    ids = [lead] * 8192
+    counting = CountingTokenizer(tokenizer)
+    detokenizer = IncrementalDetokenizer(counting)
+    streamed = "".join(detokenizer.push(i) for i in ids) + detokenizer.flush()
+    assert max(counting.sizes) <= 16  # two pieces of at most 8 held tokens, whatever the length
+    assert streamed == tokenizer.decode(ids)
