@@ -38,9 +38,12 @@ local_cluster:                # only without an address: a local Ray cluster tha
   nodes: 2                    # simulated nodes
   gpus_per_node: null         # null: just enough for the layout, whole TP groups per node
   cpus_per_node: 1            # CPUs each simulated node advertises to Ray
-router:                       # the gRPC front door (caravan.v1 Inference and Admin, grpc.health.v1, reflection)
+router:                       # the front doors: gRPC (caravan.v1 Inference and Admin, grpc.health.v1, reflection)
+                              # and the OpenAI-compatible HTTP API, on one event loop with one admission queue
   host: 127.0.0.1             # address to listen on; 0.0.0.0 (or [::]) to take connections from other hosts
   port: 50051                 # gRPC port; 0 picks a free one
+  http_port: 8000             # OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+                              # /health); 0 turns it off
   metrics_port: 9464          # Prometheus /metrics; 0 picks a free one, null turns it off
   max_in_flight: 256          # requests admitted at once (streaming or queued); more get RESOURCE_EXHAUSTED
   max_message_bytes: 4MiB     # largest request the transport accepts; fields have their own limits inside it
@@ -51,6 +54,9 @@ router:                       # the gRPC front door (caravan.v1 Inference and Ad
                               # need one, generated into ~/.caravan/auth_token
   tls_cert_file: null         # PEM certificate chain; with tls_key_file the router speaks TLS only
   tls_key_file: null          # PEM private key of tls_cert_file
+  api_keys_file: null         # HTTP API keys, one per line, any of which a request may carry as
+                              # `Authorization: Bearer <key>`; null: auth_token_file's token if that is set,
+                              # else the HTTP API is open (the local demo)
 address: null                 # an existing Ray cluster ("auto" or "host:port"); null: start a local one
 name: caravan                 # the Serve application name; actor names start with it
 ```
@@ -210,6 +216,7 @@ _PORT: Rule = (lambda v: 0 <= v <= 65535, "use a port number from 0 to 65535 (0 
 class RouterSection:
     host: str = _rule("127.0.0.1", _NOT_EMPTY)
     port: int = _rule(50051, _PORT)
+    http_port: int = _rule(8000, (lambda v: 0 <= v <= 65535, "use a port number from 0 to 65535 (0 turns it off)"))
     metrics_port: int | None = _rule(9464, _PORT)
     max_in_flight: int = _rule(256, _AT_LEAST_1)
     max_message_bytes: int = _rule(4 * 2**20, (lambda v: v >= 2**10, "use at least 1KiB"), _bytes)
@@ -219,6 +226,7 @@ class RouterSection:
     auth_token_file: str | None = _rule(None, _NOT_EMPTY, _path)
     tls_cert_file: str | None = _rule(None, _NOT_EMPTY, _path)
     tls_key_file: str | None = _rule(None, _NOT_EMPTY, _path)
+    api_keys_file: str | None = _rule(None, _NOT_EMPTY, _path)
 
 
 @dataclass(frozen=True)

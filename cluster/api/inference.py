@@ -22,8 +22,8 @@ from cluster.api.backend import Backend
 from cluster.api.metrics import RouterMetrics
 from cluster.api.textstream import TextStream
 from cluster.api.tokenizer import Tokenizer
-from cluster.api.validate import (Limits, check_chat, check_generate, check_prompt_length, check_text, check_token_ids,
-                                  invalid)
+from cluster.api.validate import (Generation, Limits, check_chat, check_generate, check_prompt_length, check_text,
+                                  check_token_ids, invalid)
 from cluster.config import ServeConfig
 from shard.sampler import Sample, SamplingParams
 
@@ -59,8 +59,9 @@ class Inference:
         return f"req-{next(self._ids)}"
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, stop: tuple[str, ...], received: float,
-                     time_remaining: float | None = None) -> AsyncIterator[Chunk]:
-        """The request's text as its replica samples it. The caller holds an admission place."""
+                     time_remaining: float | None = None, *, api: str = "grpc") -> AsyncIterator[Chunk]:
+        """The request's text as its replica samples it. The caller holds an admission place; `api` names
+        the front door in the latency metrics."""
         self.metrics.queue_depth.inc()
         first_sent: float | None = None
         try:
@@ -80,13 +81,13 @@ class Inference:
                     if first_sent is None:
                         first_sent = time.monotonic()
                         self.metrics.queue_depth.dec()
-                        self.metrics.ttft.observe(first_sent - received)
+                        self.metrics.ttft.labels(api).observe(first_sent - received)
                     chunk = Chunk(delta, samples)
                     self.metrics.add_generated(len(samples))
                     samples = []
                     if finish is not None:
-                        chunk.finish_reason, chunk.usage = finish, self._usage(len(prompt_ids), produced, received,
-                                                                               first_sent)
+                        chunk.finish_reason = finish
+                        chunk.usage = self._usage(len(prompt_ids), produced, received, first_sent, api)
                     yield chunk
                     if finish is not None:
                         return  # leaving the stream early (a stop string) aborts the sequence
@@ -94,11 +95,17 @@ class Inference:
             if first_sent is None:
                 self.metrics.queue_depth.dec()
 
-    def _usage(self, prompt_tokens: int, produced: int, received: float, first_sent: float) -> Usage:
+    def _usage(self, prompt_tokens: int, produced: int, received: float, first_sent: float, api: str) -> Usage:
         done = time.monotonic()
         if produced > 1:
-            self.metrics.tpot.observe((done - first_sent) / (produced - 1))
+            self.metrics.tpot.labels(api).observe((done - first_sent) / (produced - 1))
         return Usage(prompt_tokens, produced, first_sent - received, done - received)
+
+    async def prepare(self, req: pb.GenerateRequest, gen: Generation) -> tuple[list[int], SamplingParams]:
+        """A checked request's prompt ids (chat template applied) and its parameters, max_tokens settled
+        against the prompt's length. Runs inside the request's admission: tokenizing is work."""
+        prompt_ids = await self.prompt_ids(req)
+        return prompt_ids, check_prompt_length(gen, len(prompt_ids), self.limits)
 
     async def prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
         which = req.WhichOneof("input")
@@ -121,8 +128,7 @@ class Inference:
         received = time.monotonic()
         gen = check_generate(req, self.limits)
         with self.admission.admitted():
-            prompt_ids = await self.prompt_ids(req)
-            params = check_prompt_length(gen, len(prompt_ids), self.limits)
+            prompt_ids, params = await self.prepare(req, gen)
             first = pb.GenerateResponse(request_id=self.request_id(),
                                         prompt_token_ids=prompt_ids if gen.echo_prompt_ids else ())
             remaining = context.time_remaining() if context is not None else None

@@ -31,17 +31,18 @@ _PREFIX_COUNTERS = (  # EngineStats field, metric name (Prometheus adds _total),
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("caravan_requests", "Finished RPCs, by method and gRPC status code",
-                                ["method", "code"], registry=r)
+        self.requests = Counter("caravan_requests", "Finished requests, by front door (api: grpc or http), method "
+                                "and status (a gRPC code name, or an HTTP status)", ["api", "method", "code"],
+                                registry=r)
         self.in_flight = Gauge("caravan_in_flight_requests", "Generate requests admitted and not finished",
                                registry=r)
         self.queue_depth = Gauge("caravan_queue_depth", "Admitted Generate requests that have no token yet",
                                  registry=r)
         self.ttft = Histogram("caravan_time_to_first_token_seconds", "Request received to first token sent",
-                              buckets=_TTFT_BUCKETS, registry=r)
+                              ["api"], buckets=_TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("caravan_time_per_output_token_seconds",
-                              "Mean time between output tokens of a finished request", buckets=_TPOT_BUCKETS,
-                              registry=r)
+                              "Mean time between output tokens of a finished request", ["api"],
+                              buckets=_TPOT_BUCKETS, registry=r)
         self.replica_waits = Histogram("caravan_replica_wait_seconds",
                                        "How long admitted requests waited for a serving replica (while none served)",
                                        buckets=_TTFT_BUCKETS, registry=r)

@@ -2,7 +2,8 @@
 
 One asyncio process serves caravan.v1 `Inference` (`cluster.api.inference`) and `Admin`
 (`cluster.api.admin`), the standard `grpc.health.v1` service (`cluster.api.health`) and server
-reflection, over one gRPC server (`cluster.api.transport`: auth, TLS, error codes). Requests are
+reflection, over one gRPC server (`cluster.api.transport`: auth, TLS, error codes), and the
+OpenAI-compatible HTTP API (`cluster.api.openai`) on `router.http_port`, from the same event loop. Requests are
 admitted or refused at once (`cluster.api.admission`); a drain stops admitting, lets the requests
 in flight finish within a grace period, and stops the server. The replicas sit behind a `Backend`
 (`cluster.api.backend`): Ray Serve in production, an in-process engine in tests.
@@ -24,8 +25,11 @@ from cluster.api.backend import Backend
 from cluster.api.health import ReplicaHealth
 from cluster.api.inference import Inference
 from cluster.api.metrics import RouterMetrics
+from cluster.api.openai.app import OpenAIApp
+from cluster.api.openai.server import HTTPServer
 from cluster.api.tokenizer import Tokenizer
-from cluster.api.transport import ADMIN, INFERENCE, BearerAuth, Credentials, handlers, load_token, read_pem
+from cluster.api.transport import (ADMIN, INFERENCE, BearerAuth, Credentials, handlers, load_api_keys, load_token,
+                                   read_pem)
 from cluster.api.validate import Limits
 from cluster.config import ServeConfig, admin_token_file
 from shard.config import ModelConfig
@@ -43,6 +47,10 @@ class Router:
         self.admission = Admission(self.rc, self.health, self.metrics)
         self.inference = Inference(config, tokenizer, limits, backend, self.admission, self.metrics, model_name)
         self.admin = Admin(backend, self.health, self.admission, self.drain)
+        self.openai = OpenAIApp(self.inference, self.admission, self.health, self.metrics,
+                                load_api_keys(self.rc, credentials), self.rc.max_message_bytes)
+        self._http: HTTPServer | None = None
+        self.http_port: int | None = None  # None while the HTTP API is off (router.http_port: 0)
         self.stopped = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
@@ -75,16 +83,27 @@ class Router:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (INFERENCE.full_name, ADMIN.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = self._listen(server)
+        if self.rc.http_port:
+            self._http = HTTPServer(self.openai.starlette(), self.rc)
+            self.http_port = self._http.listen()
+        try:
+            self.port = self._listen(server)
+        except OSError:
+            if self._http is not None:
+                await self._http.stop()
+            raise
         await server.start()
         self._server = server
         await self.health.router_up()
         await self.health.refresh()
         self._watch_task = asyncio.get_running_loop().create_task(self.health.watch(), name="caravan-health")
+        if self._http is not None:
+            await self._http.serve()
         if self.rc.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.rc.host, self.rc.metrics_port)
-        log.info("router on %s:%d (%s), metrics %s", self.rc.host, self.port,
+        log.info("router on %s:%d (%s), OpenAI HTTP API %s, metrics %s", self.rc.host, self.port,
                  "TLS" if self.rc.tls_cert_file else "plaintext",
+                 f"on :{self.http_port}/v1" if self.http_port else "off",
                  f"on :{self.metrics_port}/metrics" if self.metrics_port else "off")
 
     def _listen(self, server: grpc.aio.Server) -> int:
@@ -116,6 +135,8 @@ class Router:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.stop()
         if self._server is not None:
             await self._server.stop(grace=0.5)
         await self.backend.close()

@@ -179,3 +179,20 @@ def load_token(rc: RouterSection, default_file: Path) -> Credentials:
         default_file.touch(mode=0o600)
         default_file.write_text(secrets.token_urlsafe(32))
     return Credentials(default_file.read_text().strip(), False, default_file)
+
+
+def load_api_keys(rc: RouterSection, credentials: Credentials) -> tuple[str, ...] | None:
+    """The keys the HTTP API takes: router.api_keys_file's lines (blank lines and # comments left out);
+    without it, the router's token when router.auth_token_file guards every RPC; else None (open)."""
+    if rc.api_keys_file is None:
+        return (credentials.token,) if credentials.for_all else None
+    path = Path(rc.api_keys_file)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError("router.api_keys_file", f"cannot read {path} ({e.strerror}); point it at a readable file "
+                                                  "with one API key per line") from None
+    keys = tuple(k for k in (line.strip() for line in lines) if k and not k.startswith("#"))
+    if not keys:
+        raise ConfigError("router.api_keys_file", f"{path} holds no key; write one API key per line")
+    return keys

@@ -42,7 +42,7 @@ M = TypeVar("M", bound=Message)
 class InvalidRequest(Exception):
     def __init__(self, code: grpc.StatusCode, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
-        self.code, self.field = code, field
+        self.code, self.field, self.problem = code, field, problem
 
 
 def invalid(field: str, problem: str) -> InvalidRequest:

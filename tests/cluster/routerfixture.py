@@ -1,4 +1,5 @@
-"""A gRPC router on a thread of its own (its own event loop), for tests that talk to it as clients do."""
+"""A router on a thread of its own (its own event loop), or `caravan serve` in a process of its own, for tests
+that talk to it as clients do (gRPC, HTTP)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,25 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+from cluster.api.backend import LocalBackend
+from cluster.api.server import build_router
 from cluster.cli.serve import serve_subprocess
+from cluster.config import ServeConfig
+from cluster.engine.engine import Engine
+from cluster.engine.executor import LocalExecutor
+from cluster.engine.request import checkpoint_eos_ids
 from cluster.runtime.ports import free_port
 
 
 @contextmanager
 def caravan_serve(folder: Path, config_yaml: str, token: str, **router) -> Iterator[Clients]:
     """`caravan serve CONFIG` in its own process, as a user starts it, with `config_yaml` and a router
-    section of `router`'s keys, on a free port, with `token` in the file `token` for every RPC, until it
-    serves; SIGTERM at the end. The clients also carry the process, its log and the config's path."""
+    section of `router`'s keys, on free ports (gRPC and HTTP), with `token` in the file `token` for every
+    RPC, until it serves; SIGTERM at the end. The clients also carry the process, its log, the config's
+    path and the HTTP API's base URL (`http`)."""
     port = free_port()
     (folder / "token").write_text(token)
-    section = {"port": port, "auth_token_file": "token", **router}
+    section = {"port": port, "http_port": free_port(), "auth_token_file": "token", **router}
     (folder / "cluster.yaml").write_text(config_yaml + "router: {" + ", ".join(
         f"{k}: {'null' if v is None else v}" for k, v in section.items()) + "}\n")
     target = f"127.0.0.1:{port}"
@@ -36,10 +44,26 @@ def caravan_serve(folder: Path, config_yaml: str, token: str, **router) -> Itera
             clients = Clients(channel, token)
             clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", target
             clients.config_path = folder / "cluster.yaml"
+            clients.http = f"http://127.0.0.1:{section['http_port']}" if section["http_port"] else None
             yield clients
     finally:
         channel.close()
         print((folder / "serve.log").read_text()[-3000:])
+
+
+def local_router(model_dir: Path, worker, tmp_path: Path, num_blocks: int, block_size: int, **router) -> RouterThread:
+    """A router over one in-process engine on `worker` (SmolLM2), on free ports (gRPC, HTTP, metrics)."""
+    config = ServeConfig.from_dict({"router": {"port": 0, "http_port": free_port(), "metrics_port": 0, **router},
+                                    "timeouts": {"health_check_period_s": 0.25, "step_s": 10}})
+
+    async def make():
+        engine = Engine(LocalExecutor(worker), worker.cfg, checkpoint_eos_ids(model_dir), num_blocks=num_blocks,
+                        block_size=block_size, max_num_seqs=128, max_tokens_per_step=512, step_timeout_s=10)
+        r = build_router(config, str(model_dir), LocalBackend(engine, probe_after_s=0.25),
+                         default_token_file=tmp_path / "auth_token")
+        await r.start()
+        return r
+    return RouterThread(make)
 
 
 class RouterThread:

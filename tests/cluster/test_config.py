@@ -46,6 +46,7 @@ local_cluster:
 router:
   host: 0.0.0.0
   port: 8443
+  http_port: 8080
   metrics_port: 0
   max_in_flight: 1000
   max_message_bytes: 16MiB
@@ -54,6 +55,7 @@ router:
   auth_token_file: secrets/token
   tls_cert_file: tls/cert.pem
   tls_key_file: tls/key.pem
+  api_keys_file: secrets/api-keys
 address: "10.0.0.1:6379"
 name: llama-70b
 """
@@ -101,6 +103,7 @@ def test_full_file_sets_every_key(tmp_path):
     assert cfg.local_cluster == LocalClusterSection(nodes=4, gpus_per_node=8, cpus_per_node=16)
     assert (cfg.address, cfg.name) == ("10.0.0.1:6379", "llama-70b")
     assert cfg.router.tls_key_file == str((tmp_path / "tls" / "key.pem").resolve())
+    assert cfg.router.api_keys_file == str((tmp_path / "secrets" / "api-keys").resolve())
     assert (cfg.router.port, cfg.router.max_message_bytes, cfg.router.drain_grace_s, cfg.router.wait_for_replica_s) == (
         8443, 16 * 2**20, 5, 12)
     # Every key differs from its default, so none of them was silently ignored.

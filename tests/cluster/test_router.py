@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -17,17 +16,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
-from cluster.api.backend import LocalBackend
 from cluster.config import ServeConfig
-from cluster.engine.engine import Engine, EngineStats
-from cluster.engine.executor import LocalExecutor
+from cluster.engine.engine import EngineStats
 from cluster.api.server import build_router
-from cluster.engine.request import checkpoint_eos_ids
 from cluster.runtime.report import ReplicaInfo
 from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.worker import ShardWorker
 from tests.cluster.malformed import cases
+from tests.cluster import routerfixture
 from tests.cluster.routerfixture import Clients, RouterThread, expect_malformed, flood, self_signed_cert
 from tests.conftest import LLAMA31_TOKENIZER
 
@@ -45,17 +42,7 @@ def worker(smollm2_dir):
 
 
 def local_router(model_dir, worker, tmp_path, **router):
-    config = ServeConfig.from_dict({"router": {"port": 0, "metrics_port": 0, **router},
-                                    "timeouts": {"health_check_period_s": 0.25, "step_s": 10}})
-
-    async def make():
-        engine = Engine(LocalExecutor(worker), worker.cfg, checkpoint_eos_ids(model_dir), num_blocks=NUM_BLOCKS,
-                        block_size=BLOCK, max_num_seqs=128, max_tokens_per_step=512, step_timeout_s=10)
-        r = build_router(config, str(model_dir), LocalBackend(engine, probe_after_s=0.25),
-                         default_token_file=tmp_path / "auth_token")
-        await r.start()
-        return r
-    return RouterThread(make)
+    return routerfixture.local_router(model_dir, worker, tmp_path, NUM_BLOCKS, BLOCK, **router)
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +309,7 @@ def _stats(failed=None):
 
 
 def _stub_router(model_dir, tmp_path, backend=None, **router):
-    config = ServeConfig.from_dict({"router": {"port": 0, "metrics_port": None, **router},
+    config = ServeConfig.from_dict({"router": {"port": 0, "http_port": 0, "metrics_port": None, **router},
                                     "timeouts": {"health_check_period_s": 0.1, "step_s": 1}})
 
     async def make():
