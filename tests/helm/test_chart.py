@@ -226,7 +226,8 @@ def test_worker_pods(helm: Helm, example: str | None) -> None:
     assert group["replicas"] == group["maxReplicas"] == v["nodes"]
     gpus = v["gpusPerNode"]
     if gpus:
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        # A string, as KubeRay writes it back (see test_quantities_as_kubernetes_writes_them).
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
         assert group["rayStartParams"] == {"num-gpus": str(gpus)}
     else:
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -240,6 +241,22 @@ def test_worker_pods(helm: Helm, example: str | None) -> None:
     assert nccl.get("NCCL_IB_HCA") == (v["nccl"]["ibHca"] or None)
     caps = container.get("securityContext", {}).get("capabilities", {}).get("add", [])
     assert caps == (["IPC_LOCK"] if v["nccl"]["ipcLock"] else [])
+
+
+@pytest.mark.parametrize("example", VALUE_SETS)
+def test_worker_group_as_kuberay_writes_it(helm: Helm, example: str | None) -> None:
+    """The worker group list is atomic: KubeRay writes the RayService back with its defaults filled in and
+    its quantities as strings, and any difference from what Helm applied makes the operator the owner of the
+    whole list, so that the next `helm upgrade` (server-side apply) conflicts. tests/k8s shows it on a real
+    API server; here, every field the CRD defaults is spelt out, and scaleStrategy, which KubeRay adds."""
+    group = worker_group(helm.render(example))
+    schema = crd_validator("ray.io_rayservices.yaml").schema
+    group_schema = schema["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["workerGroupSpecs"]
+    defaulted = {k for k, v in group_schema["items"]["properties"].items() if "default" in v}
+    assert defaulted | {"scaleStrategy"} <= group.keys()
+    assert (group["numOfHosts"], group["priority"], group["scaleStrategy"]) == (1, 0, {})
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert all(isinstance(q, str) for part in resources.values() for q in part.values()), resources
 
 
 @pytest.mark.parametrize("example", VALUE_SETS)
@@ -293,15 +310,24 @@ def test_network_policy(helm: Helm) -> None:
     assert "from" not in anyone
 
 
-def test_pod_disruption_budget(helm: Helm) -> None:
-    docs = helm.render()
+@pytest.mark.parametrize("example", VALUE_SETS)
+def test_pod_disruption_budget(helm: Helm, example: str | None) -> None:
+    """An integer minAvailable over the head and the workers: maxUnavailable would need the RayCluster to
+    have a scale subresource, and the budget would never sync (tests/k8s checks it syncs)."""
+    docs = helm.render(example)
     pdb = one(docs, "PodDisruptionBudget")["spec"]
-    assert pdb["maxUnavailable"] == 0 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    nodes = values(example)["workers"]["nodes"]
+    assert pdb["minAvailable"] == 1 + nodes and "maxUnavailable" not in pdb
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         labels = group["template"]["metadata"]["labels"]
         assert pdb["selector"]["matchLabels"].items() <= labels.items()
         assert labels["app.kubernetes.io/component"] in pdb["selector"]["matchExpressions"][0]["values"]
+    allowed = one(helm.render(example, "--set", "podDisruptionBudget.maxUnavailable=1"), "PodDisruptionBudget")
+    assert allowed["spec"]["minAvailable"] == nodes
+    everything = one(helm.render(example, "--set", "podDisruptionBudget.maxUnavailable=99"), "PodDisruptionBudget")
+    assert everything["spec"]["minAvailable"] == 0
 
 
 def test_names_fit_kuberay(helm: Helm) -> None:

@@ -115,6 +115,28 @@ def test_liveness_window_covers_setup(helm: Helm) -> None:
     assert "head.livenessProbe gives the router 3000 s" in error and "caravan.timeouts.setup_s=4000" in error
 
 
+@pytest.mark.parametrize(("key", "value"), [
+    ("workers.resources.limits.memory", "1024Mi"),  # Kubernetes writes 1Gi
+    ("workers.resources.requests.cpu", "0.5"),  # 500m
+    ("workers.resources.requests.cpu", "1000m"),  # 1
+    ("workers.shmSize", "1.5Gi"),  # 1536Mi
+    ("workers.extraResources.rdma/hca", "1000"),  # 1k
+    ("head.resources.limits.memory", "8192Mi"),  # 8Gi
+    ("head.shmSize", "0Gi"),  # 0
+])
+def test_quantities_as_kubernetes_writes_them(helm: Helm, key: str, value: str) -> None:
+    """KubeRay writes the RayService back through its Go types, which print quantities in one form; any
+    other form would change, make the operator the owner of the field (of the whole worker group) and fail
+    the next `helm upgrade` on a conflict. tests/k8s shows the conflict on a real API server."""
+    error = refused(helm, None, "--set", f"{key}={value}")
+    assert f"{key}={value}: write it as Kubernetes does" in error
+
+
+@pytest.mark.parametrize("value", ["1Gi", "1536Mi", "500m", "1", "96", "1000Gi", "0", "2M"])
+def test_quantities_in_their_form_pass(helm: Helm, value: str) -> None:
+    helm.render(None, "--set", f"workers.resources.requests.memory={value}", "--set", f"head.shmSize={value}")
+
+
 def test_fullname_fits_kuberay(helm: Helm) -> None:
     assert "at '/fullnameOverride': maxLength: got 60, want 47" in refused(
         helm, None, "--set", "fullnameOverride=" + "a" * 60)

@@ -114,3 +114,53 @@ Ray's token auth in a container: the mode and the token, from the Secret KubeRay
     medium: Memory
     sizeLimit: {{ . }}
 {{- end -}}
+
+{{/*
+A resource quantity of a Ray container, as a string in the form the API server writes it back (1Gi,
+not 1024Mi; 1536Mi, not 1.5Gi; 1, not 1000m; "8", not 8). KubeRay writes the RayService back through
+its Go types, which print quantities that way: a quantity the chart wrote otherwise would change, and
+the operator would become the owner of that field (of the whole worker group, an atomic list), and
+the next `helm upgrade` (server-side apply) would conflict with it. Takes (list <values key> <quantity>).
+*/}}
+{{- define "caravan.quantity" -}}
+{{- $key := index . 0 -}}
+{{- $q := index . 1 -}}
+{{- if and (kindIs "float64" $q) (eq $q (floor $q)) -}}
+{{- $q = int64 $q -}}
+{{- end -}}
+{{- $q = toString $q -}}
+{{- $fix := printf "%s=%s: write it as Kubernetes does (an integer and a suffix, the largest suffix that keeps it an integer: 1Gi not 1024Mi, 1536Mi not 1.5Gi, 1 not 1000m, 500m not 0.5), or KubeRay writes it back changed and the next helm upgrade conflicts with the operator" $key $q -}}
+{{- if not (regexMatch "^(0|[1-9][0-9]*)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$" $q) -}}
+{{- fail $fix -}}
+{{- end -}}
+{{- $mantissa := regexFind "^[0-9]+" $q | int64 -}}
+{{- $suffix := trimPrefix (toString $mantissa) $q -}}
+{{- $base := ternary 1024 1000 (hasSuffix "i" $suffix) -}}
+{{- if and (eq $mantissa 0) (ne $suffix "") -}}
+{{- fail $fix -}}
+{{- end -}}
+{{- if and (gt $mantissa 0) (eq (mod $mantissa $base) 0) (not (has $suffix (list "E" "Ei"))) -}}
+{{- fail $fix -}}
+{{- end -}}
+{{- $q -}}
+{{- end -}}
+
+{{/*
+A Ray container's requests and limits (a dict), every quantity through caravan.quantity, an empty
+part left out (KubeRay would drop it). Takes (list <values key> <resources>).
+*/}}
+{{- define "caravan.resources" -}}
+{{- $key := index . 0 -}}
+{{- $resources := index . 1 | default dict -}}
+{{- $out := dict -}}
+{{- range $part := list "requests" "limits" -}}
+{{- $quantities := dict -}}
+{{- range $name, $q := get $resources $part | default dict -}}
+{{- $_ := set $quantities $name (include "caravan.quantity" (list (printf "%s.%s.%s" $key $part $name) $q)) -}}
+{{- end -}}
+{{- if $quantities -}}
+{{- $_ := set $out $part $quantities -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
