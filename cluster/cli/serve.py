@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
     srv.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
                                                      "config's address or a local one")
     srv.add_argument("--port", type=int, default=None, help="the router's gRPC port (default: router.port, 50051)")
+    srv.add_argument("--http-port", type=int, default=None,
+                     help="the OpenAI-compatible HTTP API's port; 0 turns it off (default: router.http_port, 8000)")
     srv.add_argument("--once", metavar="PROMPT", default=None,
                      help="answer this chat prompt through the router's gRPC API, then drain and exit (a smoke test)")
     srv.add_argument("--max-tokens", type=int, default=64, help="with --once: tokens to generate at most")
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, address=args.address)
     if args.port is not None:
         config = dataclasses.replace(config, router=dataclasses.replace(config.router, port=args.port))
+    if args.http_port is not None:
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, http_port=args.http_port))
     if args.print_serve_config:
         config.check_model_path(source)
         print(yaml.safe_dump(serve_config(config), sort_keys=False), end="")
@@ -98,6 +102,12 @@ async def _attend(router, once: str | None, max_tokens: int) -> int:
     metrics = f"on :{endpoint['metrics_port']}/metrics" if endpoint["metrics_port"] else "off"
     print(f"router: caravan.v1 on {where} ({'TLS' if endpoint['tls_cert_file'] else 'plaintext'}), health and reflection on; "
           f"metrics {metrics}", file=sys.stderr, flush=True)
+    if endpoint.get("http_port"):
+        scheme = "https" if endpoint["tls_cert_file"] else "http"
+        print(f"router: OpenAI-compatible API on {scheme}://{host}:{endpoint['http_port']}/v1 (chat/completions, "
+              "completions, models; /health)", file=sys.stderr, flush=True)
+    else:
+        print("router: OpenAI-compatible API off (router.http_port: 0)", file=sys.stderr, flush=True)
     draining: list[asyncio.Task] = []
 
     def drain(grace_s: float | None = None) -> None:

@@ -17,8 +17,9 @@ STOPPED_GRACE_S = 5.0
 
 
 class RouterServer:
-    """The gRPC router inside a Serve replica. It runs on its own thread and event loop, as it does
-    in a process of its own: its server and health loop never wait on Serve's calls to this actor."""
+    """The router (gRPC and the OpenAI HTTP API) inside a Serve replica. It runs on its own thread and
+    event loop, as it does in a process of its own: its servers and health loop never wait on Serve's
+    calls to this actor."""
 
     def __init__(self, config: ServeConfig, model_dir: str, replicas):
         _log_to_stderr()
@@ -50,8 +51,9 @@ class RouterServer:
     def endpoint(self) -> dict[str, Any]:
         """Where clients reach this router, and the file holding its token (on the head node)."""
         rc = self.config.router
-        return {"host": rc.host, "port": self.router.port, "metrics_port": self.router.metrics_port,
-                "tls_cert_file": rc.tls_cert_file, "token_file": str(self.router.token_file)}
+        return {"host": rc.host, "port": self.router.port, "http_port": self.router.http_port,
+                "metrics_port": self.router.metrics_port, "tls_cert_file": rc.tls_cert_file,
+                "token_file": str(self.router.token_file)}
 
     def serving(self) -> bool:
         return self.router.serving
