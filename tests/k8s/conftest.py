@@ -17,11 +17,14 @@ _timings: dict[str, float] = {}
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     t0 = time.monotonic()
+    error = None
     try:
         plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
         plane.start()
     except ControlPlaneError as e:
-        pytest.fail(f"the Kubernetes control plane of tests/k8s did not start: {e}", pytrace=False)
+        error = str(e)
+    if error:
+        pytest.fail(f"the Kubernetes control plane of tests/k8s did not start: {error}", pytrace=False)
     _timings.update(plane.timings, start=time.monotonic() - t0)
     try:
         yield plane

@@ -125,8 +125,9 @@ class ControlPlane:
     """The running processes, their scratch folder and the kubeconfig to reach them. `start` stops what it
     started when it fails; `stop` ends every process, whatever happened before."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, fixture: Path = FIXTURE, cache: Path = CACHE):
         self.work = work
+        self.fixture, self.cache = fixture, cache
         self.kubeconfig = work / "kubeconfig"
         self.kubectl_binary = tool("kubectl")
         # Seconds each step of `start` took.
@@ -143,7 +144,7 @@ class ControlPlane:
     def _start(self) -> None:
         t0 = time.monotonic()
         etcd = tool("etcd")
-        binaries = unpack_binaries()
+        binaries = unpack_binaries(self.fixture, self.cache)
         self.timings["unpack"] = time.monotonic() - t0
 
         ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "kcm", "operator-health")}
