@@ -13,6 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from cluster.api.backend import Backend
@@ -38,10 +39,33 @@ class ReplicaView:
     error: str
 
 
+class BoundedHealthServicer(health.aio.HealthServicer):
+    """`grpc.health.v1` with a bound on open Watch streams. A Watch needs no token (Kubernetes' probes
+    cannot send one) and stays open as long as its client likes, each holding one of the server's
+    RPC slots: without a bound, a client that opens enough of them takes every slot, and the probes'
+    Check and every authenticated call fail with it. Past the bound a Watch is refused at once;
+    Check is never limited."""
+
+    def __init__(self, max_watches: int):
+        super().__init__()
+        self.max_watches, self.watches = max_watches, 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        if self.watches >= self.max_watches:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.watches} health watches are open, the most this router keeps; "
+                                "poll Check instead, or retry later")
+        self.watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watches -= 1
+
+
 class ReplicaHealth:
-    def __init__(self, backend: Backend, timeouts: TimeoutsSection, metrics: RouterMetrics):
+    def __init__(self, backend: Backend, timeouts: TimeoutsSection, metrics: RouterMetrics, max_watches: int = 64):
         self.backend, self.timeouts, self.metrics = backend, timeouts, metrics
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = BoundedHealthServicer(max_watches)
         self.replicas: list[ReplicaView] = []
         self.serving = False
         self.draining = False

@@ -36,6 +36,30 @@ from shard.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# Connection limits, so that no client holds the server's resources for free: dead peers are found by
+# keepalive pings and closed; idle connections close after 15 minutes; a connection is asked to go
+# away after an hour (its streams get another hour to finish: a long generation is not cut); a client
+# may not ping more than every 10 s without data; one connection carries at most 256 streams.
+TRANSPORT_LIMITS = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_connection_idle_ms", 15 * 60_000),
+    ("grpc.max_connection_age_ms", 60 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 60 * 60_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_concurrent_streams", 256),
+)
+
+
+def max_rpcs(rc) -> int:
+    return 4 * rc.max_in_flight + 64
+
+
+def max_watches(rc) -> int:
+    """Health watches kept open: an eighth of the RPC slots, so that watches can never take them all."""
+    return max(1, max_rpcs(rc) // 8)
+
 
 class Router:
     def __init__(self, config: ServeConfig, tokenizer: Tokenizer, limits: Limits, backend: Backend, *,
@@ -43,7 +67,7 @@ class Router:
         self.config, self.rc, self.backend, self.credentials = config, config.router, backend, credentials
         self.limits = limits
         self.metrics = RouterMetrics()
-        self.health = ReplicaHealth(backend, config.timeouts, self.metrics)
+        self.health = ReplicaHealth(backend, config.timeouts, self.metrics, max_watches(self.rc))
         self.admission = Admission(self.rc, self.health, self.metrics)
         self.inference = Inference(config, tokenizer, limits, backend, self.admission, self.metrics, model_name)
         self.admin = Admin(backend, self.health, self.admission, self.drain)
@@ -74,10 +98,10 @@ class Router:
             interceptors=[BearerAuth(self.credentials, self.metrics)],
             options=[("grpc.max_receive_message_length", self.rc.max_message_bytes),
                      ("grpc.max_send_message_length", self.rc.max_message_bytes),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0), *TRANSPORT_LIMITS],
             # A hard ceiling on calls in progress, well above admission: the queue refuses first, with
             # a clearer message; this bounds the handlers of unary calls and refused requests too.
-            maximum_concurrent_rpcs=4 * self.rc.max_in_flight + 64)
+            maximum_concurrent_rpcs=max_rpcs(self.rc))
         server.add_generic_rpc_handlers((handlers(INFERENCE, self.inference, self.metrics),
                                          handlers(ADMIN, self.admin, self.metrics)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)

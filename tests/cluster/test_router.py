@@ -247,6 +247,38 @@ def test_admin_needs_the_token_and_health_does_not(served):
     assert c.inference.ModelInfo(pb.ModelInfoRequest()).model == "smollm2-135m-instruct"  # open without a token file
 
 
+def test_two_thousand_idle_health_watches_leave_the_probe_and_generate_answering(served):
+    """A Watch needs no token and stays open: unbounded, 2,000 of them took every RPC slot of the server
+    and the probe's Check and every authenticated call failed. Watches past the bound are refused at
+    once, and the rest of the server answers."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    rt, c = served
+    # Eight connections (channels share one unless told not to), each within its 256 streams.
+    channels = [grpc.insecure_channel(rt.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)]
+    watches, held, refused = [], 0, 0
+    try:
+        # All opened at once, with a deadline well past the checks below, so that none blocks the others.
+        watches = [health_pb2_grpc.HealthStub(channels[i % 8]).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                   for i in range(2000)]
+        for call in watches:
+            try:
+                next(call)
+                held += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "health watches" in e.details(), e
+                refused += 1
+        assert held == rt.router.health.servicer.max_watches and refused == 2000 - held
+        assert c.health_status() == SERVING
+        answer = stream(c, chat("Say hi.", max_tokens=4, sampling=pb.SamplingParams(temperature=0)))
+        assert answer[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    finally:
+        for call in watches:
+            call.cancel()
+        for ch in channels:
+            ch.close()
+
+
 def test_health_reflection_and_metrics(served):
     rt, c = served
     assert c.health_status("") == c.health_status("caravan.v1.Inference") == SERVING
