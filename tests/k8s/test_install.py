@@ -67,7 +67,7 @@ def test_head_pod(release: Release) -> None:
     assert start["--head"] is True and start["--num-cpus"] == "0" and start["--dashboard-host"] == "0.0.0.0"
     assert start["--memory"] == str(bytes_of(v["resources"]["limits"]["memory"]))
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-    assert ports == {**HEAD_PORTS, "router-metrics": release.values["metrics"]["port"]}
+    assert ports.items() >= {**HEAD_PORTS, "router-metrics": release.values["metrics"]["port"]}.items(), ports
     probe = v["livenessProbe"]
     assert head["livenessProbe"]["grpc"] == {"port": GRPC_PORT, "service": probe["service"]}
     assert {k: head["livenessProbe"][k] for k in ("initialDelaySeconds", "periodSeconds", "timeoutSeconds",
