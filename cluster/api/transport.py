@@ -22,7 +22,7 @@ from caravan.v1 import inference_pb2 as pb
 from cluster.api.admission import Refused
 from cluster.api.metrics import RouterMetrics
 from cluster.api.validate import InvalidRequest, parse
-from cluster.config import ConfigError, RouterSection
+from cluster.config import ConfigError, RouterSection, write_secret
 from cluster.engine.engine import ReplicaFailed, ReplicaUnavailable
 from cluster.runtime.placement import PlacementError
 
@@ -174,11 +174,7 @@ def load_token(rc: RouterSection, default_file: Path) -> Credentials:
         if not token:
             raise ConfigError("router.auth_token_file", f"{path} is empty; write the token into it")
         return Credentials(token, True, path)
-    if not default_file.exists() or not default_file.read_text().strip():
-        default_file.parent.mkdir(parents=True, exist_ok=True)
-        default_file.touch(mode=0o600)
-        default_file.write_text(secrets.token_urlsafe(32))
-    return Credentials(default_file.read_text().strip(), False, default_file)
+    return Credentials(write_secret(default_file, secrets.token_urlsafe(32)), False, default_file)
 
 
 def load_api_keys(rc: RouterSection, credentials: Credentials) -> tuple[str, ...] | None:

@@ -30,6 +30,9 @@ def router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, default=None, metavar="PATH",
                    help="PEM bundle of the CA that signed the router's certificate; connects with TLS "
                         "(default: plaintext)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="send the bearer token over a plaintext channel to a router that is not on this machine "
+                        "(refused without it: only on a network you trust)")
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ wrong (an RPC error, a missing token or CA file) into one line on stderr and an 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import queue
@@ -54,6 +55,30 @@ def find_token(token_file: Path | None, environ: Mapping[str, str] = os.environ)
     return default.read_text().strip() or None
 
 
+def check_token_transport(server: str, token: str | None, tls_ca: Path | None, plaintext: bool) -> None:
+    """A bearer token crosses the network in clear text over a plaintext channel: only to this machine,
+    or when the caller says the network is trusted (`--plaintext`)."""
+    if token is None or tls_ca is not None or plaintext or is_loopback(server):
+        return
+    raise ClientError(f"refusing to send the bearer token in clear text to {server}: pass --tls-ca with the CA "
+                      "of the router's certificate, or --plaintext if the network between is trusted")
+
+
+def is_loopback(server: str) -> bool:
+    if server.startswith("["):
+        host = server[1:server.find("]")]
+    elif server.count(":") == 1:
+        host = server.split(":")[0]
+    else:
+        host = server  # a bare IPv6 address, or a host without a port
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def open_channel(server: str, tls_ca: Path | None) -> grpc.Channel:
     if tls_ca is None:
         return grpc.insecure_channel(server)
@@ -86,11 +111,12 @@ class Router:
 
 
 def run(command: str, server: str, body: Callable[[Router], int], *, token_file: Path | None = None,
-        tls_ca: Path | None = None, timeout: float | None = None, err: TextIO) -> int:
+        tls_ca: Path | None = None, timeout: float | None = None, plaintext: bool = False, err: TextIO) -> int:
     """Connect to `server`, run `body`, and turn failures into one line on `err` and an exit code:
     2 for the caller's faults, 1 for the rest. Ctrl-C propagates (the caller exits 130)."""
     try:
         token = find_token(token_file)
+        check_token_transport(server, token, tls_ca, plaintext)
         channel = open_channel(server, tls_ca)
     except ClientError as e:
         print(f"caravan {command}: error: {e}", file=err)

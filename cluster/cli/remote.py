@@ -56,7 +56,7 @@ def _options(args: argparse.Namespace) -> Options:
 
 def _connect(args: argparse.Namespace, body) -> int:
     return client.run(args.command, args.server, body, token_file=args.token_file, tls_ca=args.tls_ca,
-                      timeout=args.timeout, err=sys.stderr)
+                      timeout=args.timeout, plaintext=args.plaintext, err=sys.stderr)
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cluster.config import ServeConfig
+from cluster.config import ServeConfig, write_secret
 from cluster.runtime.ports import dashboard_port
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,5 @@ def _enable_token_auth() -> None:
     if "ray" in sys.modules:  # Ray caches its config at import; read the mode again
         from ray._raylet import Config
         Config.initialize("")
-    token = Path.home() / ".ray" / "auth_token"
-    if os.environ["RAY_AUTH_MODE"] == "token" and not token.exists() and "RAY_AUTH_TOKEN" not in os.environ:
-        token.parent.mkdir(parents=True, exist_ok=True)
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
+    if os.environ["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in os.environ:
+        write_secret(Path.home() / ".ray" / "auth_token", secrets.token_hex(32))

@@ -368,3 +368,22 @@ def test_tls(tls_router, monkeypatch, capsys, tmp_path):
     assert code == 0 and out.startswith("router: serving"), err
     code, _, err = caravan(monkeypatch, capsys, "status", "--server", address, "--tls-ca", str(tmp_path / "nope"))
     assert code == 2 and "--tls-ca" in one_error_line(err, "status")
+
+
+# --- the token in transit ---------------------------------------------------------------------------------
+
+
+def test_a_token_is_not_sent_in_clear_text_off_this_machine(router, monkeypatch, capsys, tmp_path):
+    """Loopback, TLS or an explicit --plaintext: otherwise the CLI refuses before any call."""
+    address, inference, _ = router
+    (tmp_path / "token").write_text("secret")
+    remote = "10.255.255.1:50051"   # a router elsewhere, which the call must never reach
+    code, _, err = caravan(monkeypatch, capsys, "status", "--server", remote, "--token-file", str(tmp_path / "token"))
+    assert code == 2 and "refusing to send the bearer token in clear text to 10.255.255.1:50051" in \
+        one_error_line(err, "status")
+    code, _, err = caravan(monkeypatch, capsys, "complete", "Hi", "--server", address,
+                           "--token-file", str(tmp_path / "token"))
+    assert code == 0 and inference.requests  # loopback: the token goes
+    code, _, err = caravan(monkeypatch, capsys, "status", "--server", remote, "--token-file", str(tmp_path / "token"),
+                           "--plaintext", "--timeout", "0.5")
+    assert code == 1 and "refusing" not in err  # tried, and found nothing there
