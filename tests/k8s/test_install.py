@@ -13,7 +13,7 @@ import yaml
 
 from tests.helm.chart import EXAMPLES
 from tests.k8s.control_plane import ControlPlane, wait_for
-from tests.k8s.release import FULLNAME, Release, bytes_of, container, dump, env, ray_start, shard_slots
+from tests.k8s.release import FULLNAME, RELEASE, Release, bytes_of, container, dump, env, ray_start, shard_slots
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def releases(control_plane: ControlPlane) -> Iterator[dict[str, Release]]:
         yield installed
     finally:
         for release in installed.values():
-            release.helm("uninstall", "llm", check=False)
+            release.helm("uninstall", RELEASE, check=False)
 
 
 @pytest.fixture(params=list(EXAMPLES))
