@@ -69,7 +69,7 @@ def test_lint_strict(helm: Helm, example: str | None) -> None:
 @pytest.mark.parametrize("example", VALUE_SETS)
 def test_renders_the_objects(helm: Helm, example: str | None) -> None:
     kinds = sorted(d["kind"] for d in helm.render(example))
-    assert kinds == ["ConfigMap", "Pod", "PodDisruptionBudget", "RayService", "Secret", "Secret", "Service"]
+    assert kinds == ["ConfigMap", "Pod", "Pod", "PodDisruptionBudget", "RayService", "Secret", "Secret", "Service"]
     optional = helm.render(example, "--set", "networkPolicy.enabled=true",
                            "--set", "metrics.serviceMonitor.enabled=true")
     assert {d["kind"] for d in optional} - set(kinds) == {"NetworkPolicy", "ServiceMonitor"}
@@ -137,18 +137,23 @@ def test_service_monitor_scrapes_the_metrics_service(helm: Helm) -> None:
 
 @pytest.mark.parametrize("example", VALUE_SETS)
 def test_only_grpc_is_exposed(helm: Helm, example: str | None) -> None:
+    """The router's two doors, gRPC and the OpenAI-compatible HTTP API, on one Service; nothing else."""
     docs = helm.render(example, "--set", "service.type=LoadBalancer")
     spec = one(docs, "RayService")["spec"]
     grpc = spec["serveService"]["spec"]
     assert grpc["type"] == "LoadBalancer"
     assert grpc["ports"] == [{"name": "serve-grpc", "port": GRPC_PORT, "targetPort": "serve-grpc",
-                              "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}]
+                              "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"},
+                             {"name": "openai-http", "port": 8000, "targetPort": "openai-http",
+                              "protocol": "TCP", "appProtocol": "http"}]
     # KubeRay's head Service (dashboard 8265, GCS, client) takes the head group's serviceType.
     assert spec["rayClusterConfig"]["headGroupSpec"]["serviceType"] == "ClusterIP"
     assert all(d["spec"]["type"] == "ClusterIP" for d in docs if d["kind"] == "Service")
     # Only the head has the port the gRPC Service targets by name, so the workers are never endpoints.
     ports = {p["name"]: p["containerPort"] for p in head_container(docs)["ports"]}
-    assert ports["serve-grpc"] == GRPC_PORT and ports["dashboard"] == 8265
+    assert ports["serve-grpc"] == GRPC_PORT and ports["dashboard"] == 8265 and ports["openai-http"] == 8001
+    # The router listens where the head's named port says; Serve's own proxy keeps 8000.
+    assert yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]["router"]["http_port"] == 8001
     assert "ports" not in worker_group(docs)["template"]["spec"]["containers"][0]
 
 
@@ -188,7 +193,7 @@ def test_ray_token_auth_everywhere(helm: Helm, example: str | None) -> None:
     assert cluster["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
     ref = {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "auth_token"}}
     containers = [head_container(docs), worker_group(docs)["template"]["spec"]["containers"][0],
-                  one(docs, "Pod")["spec"]["containers"][0]]
+                  one(docs, "Pod", "-doctor")["spec"]["containers"][0]]
     for container in containers:
         assert env(container)["RAY_AUTH_MODE"] == "token" and env(container)["RAY_AUTH_TOKEN"] == ref
 
@@ -283,7 +288,7 @@ def test_model_volume_and_config(helm: Helm, example: str | None) -> None:
 def test_doctor_hook_runs_as_a_ray_job_on_the_head(helm: Helm) -> None:
     """KubeRay names a RayService's head Service `<rayservice>-head-svc`."""
     docs = helm.render()
-    pod = one(docs, "Pod")
+    pod = one(docs, "Pod", "-doctor")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     name = one(docs, "RayService")["metadata"]["name"]
     assert pod["spec"]["containers"][0]["command"] == [
@@ -297,17 +302,20 @@ def test_network_policy(helm: Helm) -> None:
     docs = helm.render(None, "--set", "networkPolicy.enabled=true",
                        "--set", "networkPolicy.grpcFrom[0].namespaceSelector.matchLabels"
                                 ".kubernetes\\.io/metadata\\.name=apps",
+                       "--set", "networkPolicy.httpFrom[0].namespaceSelector.matchLabels"
+                                ".kubernetes\\.io/metadata\\.name=apps",
                        "--set", "networkPolicy.operatorNamespace=kuberay")
     policy = one(docs, "NetworkPolicy")["spec"]
-    ray, grpc, operator = policy["ingress"]
+    ray, grpc, http, operator = policy["ingress"]
+    assert http == {"ports": [{"port": 8001, "protocol": "TCP"}], "from": [peer]}  # the OpenAI API's port
     # Ray: every port, from the release's pods only.
     assert "ports" not in ray
     assert ray["from"] == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
     assert grpc == {"ports": [{"port": GRPC_PORT, "protocol": "TCP"}], "from": [peer]}
     assert [p["port"] for p in operator["ports"]] == [8265, 8000]
     assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay"}
-    anyone = one(helm.render(None, "--set", "networkPolicy.enabled=true"), "NetworkPolicy")["spec"]["ingress"][1]
-    assert "from" not in anyone
+    anyone = one(helm.render(None, "--set", "networkPolicy.enabled=true"), "NetworkPolicy")["spec"]["ingress"]
+    assert "from" not in anyone[1] and "from" not in anyone[2]
 
 
 @pytest.mark.parametrize("example", VALUE_SETS)

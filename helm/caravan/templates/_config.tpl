@@ -8,6 +8,7 @@ only tell the CLI where to run (cluster/deploy/controller.py, NOT_ARGS).
 {{- $router := deepCopy .Values.caravan.router -}}
 {{- $_ := set $router "host" "0.0.0.0" -}}
 {{- $_ := set $router "port" (include "caravan.grpcPort" . | int) -}}
+{{- $_ := set $router "http_port" (include "caravan.httpPort" . | int) -}}
 {{- $_ := set $router "metrics_port" (int .Values.metrics.port) -}}
 {{- if .Values.routerAuth.enabled -}}
 {{- $_ := set $router "auth_token_file" (include "caravan.routerTokenPath" .) -}}

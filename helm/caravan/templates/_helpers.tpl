@@ -67,6 +67,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "caravan.configPath" -}}/etc/caravan/config.yaml{{- end -}}
 {{- define "caravan.routerTokenPath" -}}/var/run/secrets/caravan/token{{- end -}}
 {{- define "caravan.grpcPort" -}}50051{{- end -}}
+{{- /* The router's OpenAI-compatible HTTP API in the head pod: 8001, because Serve's proxy holds 8000 there. */}}
+{{- define "caravan.httpPort" -}}8001{{- end -}}
 
 {{/*
 Ray's token auth in a container: the mode and the token, from the Secret KubeRay also reads (the key
