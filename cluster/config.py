@@ -72,10 +72,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import reprlib
-import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import NoneType, UnionType
@@ -203,32 +201,6 @@ class LocalClusterSection:
             return self.gpus_per_node
         per_node = -(-layout.tp * layout.pp * replicas // self.nodes)
         return -(-per_node // layout.tp) * layout.tp
-
-
-def admin_token_file() -> Path:
-    """Where a router without router.auth_token_file keeps the token Admin RPCs need, and where the
-    CLI looks for it (read at call time, so HOME decides)."""
-    return Path.home() / ".caravan" / "auth_token"
-
-
-def write_secret(path: Path, text: str) -> str:
-    """Makes `path` hold `text`, readable by its owner only from its first byte, unless it already holds
-    something (another process won the race): returns what it holds. The text is written to a private
-    file first and linked into place, so no reader ever sees a partial or world-readable secret."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        try:
-            os.link(scratch, path)
-        except FileExistsError:
-            if not path.read_text().strip():  # an empty file holds no secret: replace it
-                os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
-    return path.read_text().strip()
 
 
 _PORT: Rule = (lambda v: 0 <= v <= 65535, "use a port number from 0 to 65535 (0 picks a free one)")

@@ -31,7 +31,8 @@ from cluster.api.tokenizer import Tokenizer
 from cluster.api.transport import (ADMIN, INFERENCE, BearerAuth, Credentials, handlers, load_api_keys, load_token,
                                    read_pem)
 from cluster.api.validate import Limits
-from cluster.config import ServeConfig, admin_token_file
+from cluster.config import ServeConfig
+from cluster.tokens import admin_token_file
 from shard.config import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from caravan.v1 import inference_pb2 as pb
 from cluster.api.admission import Refused
 from cluster.api.metrics import RouterMetrics
 from cluster.api.validate import InvalidRequest, parse
-from cluster.config import ConfigError, RouterSection, write_secret
+from cluster.config import ConfigError, RouterSection
+from cluster.tokens import write_secret
 from cluster.engine.engine import ReplicaFailed, ReplicaUnavailable
 from cluster.runtime.placement import PlacementError
 

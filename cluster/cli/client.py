@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from cluster.config import admin_token_file
+from cluster.tokens import admin_token_file
 
 DEFAULT_SERVER = "localhost:50051"
 # Status and Scale answer at once; a router that takes longer is stuck, and saying so beats hanging.

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cluster.config import ServeConfig, write_secret
+from cluster.config import ServeConfig
+from cluster.tokens import write_secret
 from cluster.runtime.ports import dashboard_port
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import multiprocessing
 import stat
 from pathlib import Path
 
-from cluster.config import write_secret
+from cluster.tokens import write_secret
 
 
 def test_a_new_secret_is_private_and_an_existing_one_is_kept(tmp_path: Path):

@@ -70,7 +70,7 @@ def test_worker_group_holds_the_layout(helm: Helm, example: str | None, replicas
     (group,) = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     params = group["rayStartParams"]
     gpus = int(params.get("num-gpus", 0))
-    assert gpus == group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+    assert gpus == int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
     resources = {"GPU": float(gpus), "CPU": 96.0} if gpus else {"CPU": float(params["num-cpus"])}
     ray_nodes = [Node(f"node{i}", f"10.0.0.{i}", resources) for i in range(group["replicas"])]
     resource = shard_resource(config.shard.device, ray_nodes)
