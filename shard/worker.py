@@ -32,7 +32,9 @@ from shard.sampler import Sample, SamplingParams, sample
 @dataclass
 class SeqChunk:
     """One sequence's part of a step: the new tokens to run (a prompt chunk, or the last sampled
-    token), where they start (`context_len` tokens are already cached) and where they go."""
+    token), where they start (`context_len` tokens are already cached) and where they go.
+    `block_table` may be the scheduler's own list, which can grow while the step runs (the next
+    step is scheduled meanwhile): a step reads only the blocks its tokens need."""
 
     seq_id: int
     token_ids: list[int]
@@ -102,15 +104,16 @@ class ShardWorker:
         query_lens = [len(s.token_ids) for s in seqs]
         contexts = [s.context_len for s in seqs]
         wanted = [i for i, s in enumerate(seqs) if s.params is not None]
+        size = self.cache.block_size
+        tables = [s.block_table[:-(-(s.context_len + len(s.token_ids)) // size)] for s in seqs]
         if self.graphs is not None and self.graphs.takes(query_lens, contexts):
             if self.ctx.is_first_stage:
                 x = torch.tensor([s.token_ids[0] for s in seqs])
             else:
                 x = self.ctx.recv_prev((len(seqs), self.cfg.hidden_size), self.model.dtype)
-            out = self.graphs.run(x, contexts, [s.block_table for s in seqs])
+            out = self.graphs.run(x, contexts, tables)
             return self._finish(step, out if not self.ctx.is_last_stage else out[wanted], wanted)
-        meta = AttentionMetadata.build(query_lens, [s.context_len for s in seqs], [s.block_table for s in seqs],
-                                       self.cache.block_size, device)
+        meta = AttentionMetadata.build(query_lens, contexts, tables, size, device)
         positions = torch.tensor([p for s in seqs for p in range(s.context_len, s.context_len + len(s.token_ids))],
                                  device=device)
         if self.ctx.is_first_stage:

@@ -5,6 +5,13 @@ Each iteration takes the scheduler's next batch for every idle lane, hands it to
 tokens to their requests. With PP stages there are as many lanes as stages, so while stage 1
 runs batch A, stage 0 already runs batch B.
 
+Overlapped scheduling: while a lane's batch runs, the engine schedules the lane's next batch. When
+the running one returns, its sampled tokens are written into the next one's decodes and it is
+submitted at once; only then are the returned tokens streamed and the batch after scheduled, while
+the shards compute. The shards wait on one round trip and the token copy, not on the control plane.
+A request that stops on a stop token has one more token computed, which is dropped; new requests
+join one step later than they would without it.
+
 A step that fails or runs past `step_timeout_s` fails the engine: every request gets
 `ReplicaFailed` (its caller sends it again, resuming after the tokens it had streamed), and new
 requests get `ReplicaUnavailable`, until whoever owns the replica has repaired its shards and calls
@@ -150,12 +157,10 @@ class Engine:
 
     async def _run(self) -> None:
         in_flight: deque[tuple[Batch, asyncio.Future]] = deque()
+        ready: dict[int, Batch] = {}   # lane -> its batch scheduled ahead, submitted as the lane's batch returns
         try:
             while True:
-                busy = {batch.lane for batch, _ in in_flight}
-                for lane in range(self.sched.lanes):
-                    if lane not in busy and (batch := self.sched.schedule(lane)) is not None:
-                        in_flight.append((batch, asyncio.ensure_future(self.executor.execute(batch.step))))
+                self._schedule(in_flight, ready)
                 if not in_flight:
                     self._wake.clear()
                     await self._wake.wait()
@@ -170,6 +175,12 @@ class Engine:
                                         f"the {self.step_timeout_s:g} s step timeout")
                 in_flight.popleft()
                 out = future.result()
+                # The lane's next step first, so that the shards wait on nothing but this: then the
+                # tokens of the step that returned go to their requests while the next one runs.
+                if (following := ready.pop(batch.lane, None)) is not None:
+                    following.feed(out.samples)
+                    in_flight.append((following, asyncio.ensure_future(self.executor.execute(following.step))))
+                    await asyncio.sleep(0)  # lets the executor's call start (send the step) before the work below
                 self.steps += 1
                 self.last_progress = time.monotonic()
                 for update in self.sched.update(batch, out.samples):
@@ -178,8 +189,9 @@ class Engine:
                         queue.put_nowait(update)
                         if update.finish_reason is not None:
                             self._streams.pop(update.seq_id)
-                log.debug("%s step %d: %d seqs, %d tokens, %.1f ms", self.name, self.steps, len(batch.seqs),
-                          batch.num_tokens, 1e3 * (time.monotonic() - started))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s step %d: %d seqs, %d tokens, %.1f ms", self.name, self.steps, len(batch.seqs),
+                              batch.num_tokens, 1e3 * (time.monotonic() - started))
         except asyncio.CancelledError:
             for _, future in in_flight:
                 future.cancel()
@@ -189,6 +201,17 @@ class Engine:
                 future.cancel()
             log.error("%s failed: %s", self.name, e)
             self._fail(str(e) or repr(e))
+
+    def _schedule(self, in_flight: deque[tuple[Batch, asyncio.Future]], ready: dict[int, Batch]) -> None:
+        """Submits a batch for every lane with nothing in flight, and schedules ahead the next batch
+        of every lane with one in flight (see `Scheduler.schedule`)."""
+        busy = {batch.lane for batch, _ in in_flight}
+        for lane in range(self.sched.lanes):
+            if lane not in busy and (batch := self.sched.schedule(lane)) is not None:
+                in_flight.append((batch, asyncio.ensure_future(self.executor.execute(batch.step))))
+                busy.add(lane)
+            if lane in busy and lane not in ready and (ahead := self.sched.schedule(lane)) is not None:
+                ready[lane] = ahead
 
     def fail(self, reason: str) -> None:
         """Takes the engine out of service from outside a step (an idle replica's ping or probe

@@ -17,7 +17,8 @@ from shard.worker import StepInput, StepOutput
 
 class Executor(Protocol):
     """Runs steps on a replica's shards. Calls may overlap (one per lane in flight); results come
-    back in call order."""
+    back in call order. `execute` sends the step before its first await: the engine starts it and
+    yields once, then prepares the next step while this one runs."""
 
     async def execute(self, step: StepInput) -> StepOutput: ...
 

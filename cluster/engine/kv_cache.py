@@ -106,6 +106,8 @@ class BlockManager:
 
     def grow(self, table: list[int], num_tokens: int) -> None:
         need = self.missing(table, num_tokens)
+        if not need:
+            return
         assert need <= self.num_free, "grow() past the free blocks; check missing() first"
         for _ in range(need):
             if self._free:

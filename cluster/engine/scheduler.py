@@ -11,7 +11,7 @@ which KV blocks. No I/O and no clock: the engine calls `add`, `schedule`, `updat
   prompt and the tokens it has produced (seeded sampling is stateless, so it continues the same).
 - Lanes: with pipeline parallelism the engine keeps one batch in flight per stage. Each sequence
   belongs to one lane and each batch is built from one lane, so the batches in flight never share
-  a sequence, and a lane is scheduled only after its previous batch returned. Each lane owns an
+  a sequence, and a lane's batch starts only after its previous one returned. Each lane owns an
   equal share of the KV blocks: a lane can then always preempt its way to progress, where lanes
   sharing one pool can starve each other (blocks held by batches in flight cannot be taken back).
 - Prefix caching (on unless `prefix_caching=False`): a full block whose KV has been written is
@@ -21,71 +21,30 @@ which KV blocks. No I/O and no clock: the engine calls `add`, `schedule`, `updat
   blocks, which stay cached until new KV needs them (least recently used first). The cache is per
   lane, since it is made of the lane's blocks; a new sequence goes to the lane that holds most of
   its prompt unless that lane is busier than the others.
+- Scheduling ahead: while a lane's batch runs, its next batch can be scheduled. A sequence whose
+  token that batch samples decodes it in the next one, from a placeholder that `Batch.feed` fills
+  once the running batch returns, so the next step starts before `update`. One whose token in
+  flight is its last (max_tokens) is left out; one that stops on a stop token is in it anyway, and
+  the token computed for it is dropped, never emitted. Scheduling ahead never preempts: where a
+  running sequence would need it, there is no batch ahead.
+- Per-step work follows the sequences scheduled and the tokens they run, never their context or
+  the batch squared: sequences held by identity, tokens appended to one list, hash chains extended,
+  and a chunk hands the worker the sequence's block table itself, not a copy (while a batch holds
+  it, it only grows: a released table is replaced, not cleared).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 
 from cluster.engine.kv_cache import BlockManager, CacheStats, block_hashes
 from cluster.engine.request import RequestError, check_request
+from cluster.engine.sequence import PENDING, Batch, Sequence, TokenUpdate
 from shard.sampler import Sample, SamplingParams, stop_reason
 from shard.worker import SeqChunk, StepInput
 
-
-@dataclass
-class Sequence:
-    seq_id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    lane: int
-    arrival: int                                  # order of add(); smaller is older
-    output_ids: list[int] = field(default_factory=list)
-    output_offset: int = 0                        # output tokens produced before `prompt_ids` ended (a resume)
-    num_computed: int = 0                         # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
-    chain: list[int] = field(default_factory=list)  # hash chain of its full blocks (`block_hashes`)
-    num_published: int = 0                        # blocks of its table already offered to the prefix cache
-    counted: bool = False                         # its admission is in the prefix-cache counters
-    running: bool = False
-    in_flight: bool = False
-    aborted: bool = False
-    preemptions: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def prefill_left(self) -> int:
-        """Tokens to compute before this sequence decodes: all of a waiting one's context (a preempted
-        one recomputes its output too), what is left of a running one's prompt; 0 once it decodes
-        (its one uncomputed token is the decode's input, not prefill work)."""
-        left = len(self.token_ids) - self.num_computed
-        return 0 if self.running and self.output_ids and left == 1 else left
-
-
-@dataclass
-class Batch:
-    """One step's worth of work from one lane; `update` takes it back with the sampled tokens."""
-
-    lane: int
-    seqs: list[Sequence]
-    step: StepInput
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.step.seqs)
-
-
-@dataclass
-class TokenUpdate:
-    seq_id: int
-    sample: Sample
-    finish_reason: str | None      # "stop", "length", or None while the sequence goes on
-
+__all__ = ["Batch", "Scheduler", "Sequence", "TokenUpdate"]
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_num_seqs: int, max_tokens_per_step: int,
@@ -105,7 +64,8 @@ class Scheduler:
         self.max_model_len, self.eos_token_ids, self.vocab_size = max_model_len, eos_token_ids, vocab_size
         self.seqs: dict[int, Sequence] = {}
         self._waiting: list[deque[Sequence]] = [deque() for _ in range(lanes)]
-        self._running: list[list[Sequence]] = [[] for _ in range(lanes)]  # in arrival order
+        self._running: list[dict[Sequence, None]] = [{} for _ in range(lanes)]  # in admission order
+        self._batches = [0] * lanes   # batches of each lane in flight
         self._arrivals = 0
         self.preemptions = 0
         self._admissions = CacheStats()
@@ -150,7 +110,7 @@ class Scheduler:
         some of it back before it is admitted)."""
         owed = 0
         for s in self.seqs.values():
-            if s.aborted:
+            if s.done:
                 continue
             left = s.prefill_left
             if left and not s.running and s.num_computed == 0:
@@ -172,9 +132,9 @@ class Scheduler:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
                                f"{pool.blocks_for(total)} KV blocks, more than the {pool.num_blocks} of one batch "
                                f"lane; lower max_tokens or give the replica more KV memory")
-        seq = Sequence(seq_id, list(prompt_ids), params, 0, self._arrivals, output_offset=output_offset)
+        seq = Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, 0, self._arrivals, output_offset)
         if self.prefix_caching:
-            block_hashes(seq.prompt_ids, self.block_size, seq.chain)
+            block_hashes(seq.tokens, self.block_size, seq.chain)
         # The least busy lane, or one at most one sequence busier that holds more of the prompt
         # (each lane has a cache of its own, over its own blocks).
         load = [len(self._waiting[i]) + len(self._running[i]) for i in range(self.lanes)]
@@ -185,95 +145,138 @@ class Scheduler:
         self._waiting[seq.lane].append(seq)
 
     def abort(self, seq_id: int) -> bool:
-        """Drops a sequence and frees its blocks at once. One in flight is forgotten when its batch
-        returns (`update`). Its blocks may still be written by the workers until then, which is safe:
-        only its lane's batches use them, and the lane schedules nothing before that batch returns.
-        False if the id is unknown or done."""
+        """Drops a sequence and frees its blocks at once. One in flight is forgotten when its last
+        batch returns (`update`). Its blocks may still be written by the workers until then, which is
+        safe: only its lane's batches use them, and they run in the order they were scheduled, so a
+        batch that reuses the blocks runs after the ones that still hold them. False if the id is
+        unknown or done."""
         seq = self.seqs.get(seq_id)
-        if seq is None:
+        if seq is None or seq.done:
             return False
-        seq.aborted = True
-        if seq.in_flight:
-            self.pools[seq.lane].free(seq.block_table)
-        else:
-            self._finish(seq)
+        self._retire(seq)
         return True
 
     def schedule(self, lane: int = 0) -> Batch | None:
-        """The next batch of `lane`, or None when it has nothing to run. The lane's previous batch
-        must have been returned through `update`."""
+        """The next batch of `lane`, or None when it has nothing to run. With the lane's previous batch
+        still in flight, the one after it (scheduled ahead: see the module's docstring), or None where
+        that would need a preemption; at most two batches of a lane are in flight or ready."""
         running, waiting, pool = self._running[lane], self._waiting[lane], self.pools[lane]
-        assert not any(s.in_flight for s in running), f"lane {lane} still has a batch in flight"
+        assert self._batches[lane] < 2, f"lane {lane} still has two batches in flight"
+        ahead = self._batches[lane] == 1
         budget = self.max_tokens_per_step
-        chosen: list[tuple[Sequence, int]] = []
         # Running sequences first, as they already hold blocks: decodes, then unfinished prompts,
         # oldest first within each, so that a long prompt never starves the decodes.
-        for seq in sorted(running, key=lambda s: (len(s.token_ids) - s.num_computed > 1, s.arrival)):
-            if seq not in running:
-                continue  # preempted below to make room for an older sequence
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if n == 0:
-                continue
-            if not self._make_room(seq, seq.num_computed + n, lane):
-                continue
-            pool.grow(seq.block_table, seq.num_computed + n)
-            chosen.append((seq, n))
-            budget -= n
+        order = sorted(running, key=lambda s: (s.length - s.num_computed > 1, s.arrival))
+        chosen = self._ahead(order, budget, pool) if ahead else self._running_chunks(order, budget, lane)
+        if chosen is None:
+            return None
+        budget -= sum(n for _, n in chosen)
         # Then waiting sequences, oldest first; a waiting sequence never preempts a running one.
         # Each starts after its longest cached prefix.
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = waiting[0]
             hit = self._cached_prefix(seq, pool)
             start = len(hit) * self.block_size
-            n = min(len(seq.token_ids) - start, budget)
+            n = min(len(seq.tokens) - start, budget)
             if pool.missing(hit, start + n) + pool.evictable_among(hit) > pool.num_free:
                 break
             waiting.popleft()
             pool.take(seq.block_table, hit)
-            seq.num_computed, seq.num_published = start, len(hit)
+            seq.num_computed, seq.num_written, seq.num_published = start, start, len(hit)
             self._count_admission(seq, start)
             pool.grow(seq.block_table, start + n)
             seq.running = True
-            running.append(seq)
+            running[seq] = None
             chosen.append((seq, n))
             budget -= n
-        if not chosen:
+        return self._batch(lane, chosen) if chosen else None
+
+    def _next_chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of a running sequence for the next step: none where the token in flight is its last."""
+        if seq.pending and seq.num_output + seq.pending >= seq.params.max_tokens:
+            return 0
+        return min(seq.length - seq.num_computed, budget)
+
+    def _running_chunks(self, order: list[Sequence], budget: int, lane: int) -> list[tuple[Sequence, int]]:
+        """The running sequences' chunks with nothing in flight: each grows, preempting the lane's
+        newest sequences where blocks run out."""
+        chosen = []
+        for seq in order:
+            if not seq.running:
+                continue  # preempted below to make room for an older sequence
+            n = self._next_chunk(seq, budget)
+            if n == 0:
+                continue
+            if (seq.num_computed + n > len(seq.block_table) * self.block_size  # most decodes have room
+                    and not self._make_room(seq, seq.num_computed + n, lane)):
+                continue
+            self.pools[lane].grow(seq.block_table, seq.num_computed + n)
+            chosen.append((seq, n))
+            budget -= n
+        return chosen
+
+    def _ahead(self, order: list[Sequence], budget: int, pool: BlockManager) -> list[tuple[Sequence, int]] | None:
+        """The running sequences' chunks of the batch after the one in flight; None where the free
+        blocks cannot hold them all (only a lane with nothing in flight preempts)."""
+        chosen = []
+        for seq in order:
+            if n := self._next_chunk(seq, budget):
+                chosen.append((seq, n))
+                budget -= n
+        if sum(pool.missing(s.block_table, s.num_computed + n) for s, n in chosen) > pool.num_free:
             return None
-        chunks = []
         for seq, n in chosen:
-            start, tokens = seq.num_computed, seq.token_ids
-            done = start + n == len(tokens)
-            chunks.append(SeqChunk(seq.seq_id, tokens[start:start + n], start, list(seq.block_table),
-                                   seq.params if done else None, seq.output_offset + len(seq.output_ids)))
-            seq.num_computed += n
-            seq.in_flight = True
-        return Batch(lane, [s for s, _ in chosen], StepInput(chunks))
+            pool.grow(seq.block_table, seq.num_computed + n)
+        return chosen
+
+    def _batch(self, lane: int, chosen: list[tuple[Sequence, int]]) -> Batch:
+        chunks, fed = [], []
+        for seq, n in chosen:
+            start, end = seq.num_computed, seq.num_computed + n
+            sampled = end == seq.length
+            ahead = end > len(seq.tokens)  # a decode of the token the batch in flight samples
+            chunk = SeqChunk(seq.seq_id, [PENDING] if ahead else seq.tokens[start:end], start, seq.block_table,
+                             seq.params if sampled else None, seq.output_offset + seq.num_output + seq.pending)
+            chunks.append(chunk)
+            if ahead:
+                fed.append(chunk)
+            seq.num_computed = end
+            seq.pending += sampled
+            seq.in_flight += 1
+        self._batches[lane] += 1
+        return Batch(lane, [s for s, _ in chosen], StepInput(chunks), fed)
 
     def update(self, batch: Batch, samples: dict[int, Sample]) -> list[TokenUpdate]:
-        """Takes a batch back with its sampled tokens; returns one update per token produced."""
+        """Takes a batch back with its sampled tokens; returns one update per token produced. A
+        sequence done meanwhile (aborted, or stopped by the batch before) gets none."""
+        self._batches[batch.lane] -= 1
         updates = []
         for seq, chunk in zip(batch.seqs, batch.step.seqs):
-            seq.in_flight = False
-            if seq.aborted:
-                self._finish(seq)
+            seq.in_flight -= 1
+            seq.pending -= chunk.params is not None
+            if seq.done:
+                self._retire(seq)
                 continue
-            self._publish(seq)
+            seq.num_written = chunk.context_len + len(chunk.token_ids)
+            if seq.num_written // self.block_size > seq.num_published:
+                self._publish(seq)
             if chunk.params is None:
                 continue  # a prompt chunk before the last one: nothing sampled yet
             smp = samples[seq.seq_id]
-            seq.output_ids.append(smp.token_id)
-            reason = stop_reason(seq.params, smp.token_id, len(seq.output_ids), self.eos_token_ids)
+            seq.tokens.append(smp.token_id)
+            reason = stop_reason(seq.params, smp.token_id, seq.num_output, self.eos_token_ids)
             updates.append(TokenUpdate(seq.seq_id, smp, reason))
             if reason is not None:
-                self._finish(seq)
+                self._retire(seq)
         return updates
 
     def fail_all(self) -> list[int]:
         """Forgets every sequence (the replica is gone) and returns their ids."""
         ids = list(self.seqs)
         for seq in list(self.seqs.values()):
-            seq.in_flight = False
-            self._finish(seq)
+            self._retire(seq)
+            self.seqs.pop(seq.seq_id, None)
+        self._batches = [0] * self.lanes
         for pool in self.pools:
             pool.drop_cache()  # the KV went with the replica's shards
         return ids
@@ -283,22 +286,23 @@ class Scheduler:
         which must be computed to sample from (and cached blocks are never written)."""
         if not self.prefix_caching:
             return []
-        chain = block_hashes(seq.token_ids, self.block_size, seq.chain)
-        return pool.match(chain[: (len(seq.token_ids) - 1) // self.block_size])
+        chain = block_hashes(seq.tokens, self.block_size, seq.chain)
+        return pool.match(chain[: (len(seq.tokens) - 1) // self.block_size])
 
     def _count_admission(self, seq: Sequence, cached_tokens: int) -> None:
         if not seq.counted:
             seq.counted = True
             self._admissions += CacheStats(requests=1, hit_requests=int(cached_tokens > 0),
-                                           prompt_tokens=len(seq.prompt_ids), hit_tokens=cached_tokens)
+                                           prompt_tokens=seq.num_prompt, hit_tokens=cached_tokens)
 
     def _publish(self, seq: Sequence) -> None:
         """Offers the blocks `seq` filled (prompt or output: the next turn of a chat starts with this
-        one's answer) to the prefix cache, once the step that wrote them has returned."""
-        full = seq.num_computed // self.block_size
+        one's answer) to the prefix cache, once the step that wrote them has returned. The chain
+        grows by the blocks filled since the last call only."""
+        full = seq.num_written // self.block_size
         if not self.prefix_caching or full <= seq.num_published:
             return
-        chain = block_hashes(seq.token_ids, self.block_size, seq.chain)
+        chain = block_hashes(seq.tokens, self.block_size, seq.chain)
         pool = self.pools[seq.lane]
         for i in range(seq.num_published, full):
             pool.publish(seq.block_table[i], chain[i])
@@ -309,16 +313,16 @@ class Scheduler:
         False when `seq` itself was the newest and got preempted."""
         pool = self.pools[lane]
         while pool.missing(seq.block_table, num_tokens) > pool.num_free:
-            victim = self._running[lane][-1]
+            victim = next(reversed(self._running[lane]))
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self._running[seq.lane].remove(seq)
-        self.pools[seq.lane].free(seq.block_table)  # its published blocks stay cached: it may find them again
-        seq.num_computed, seq.num_published, seq.running = 0, 0, False
+        del self._running[seq.lane][seq]
+        self._release(seq)  # its published blocks stay cached: it may find them again
+        seq.num_computed, seq.num_written, seq.num_published, seq.running = 0, 0, 0, False
         seq.preemptions += 1
         self.preemptions += 1
         # Back to the front, ahead of younger waiting sequences, so it resumes first.
@@ -326,10 +330,21 @@ class Scheduler:
         index = next((i for i, w in enumerate(waiting) if w.arrival > seq.arrival), len(waiting))
         waiting.insert(index, seq)
 
-    def _finish(self, seq: Sequence) -> None:
-        self.pools[seq.lane].free(seq.block_table)
-        if seq.running:
-            self._running[seq.lane].remove(seq)
-        else:
-            self._waiting[seq.lane].remove(seq)
-        del self.seqs[seq.seq_id]
+    def _release(self, seq: Sequence) -> None:
+        """Frees its blocks. The table is replaced, not cleared: chunks in flight hold it."""
+        table, seq.block_table = seq.block_table, []
+        self.pools[seq.lane].free(list(table) if seq.in_flight else table)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Ends a finished or aborted sequence: its blocks at once, the sequence itself once no batch
+        in flight holds it."""
+        if not seq.done:
+            seq.done = True
+            self._release(seq)
+            if seq.running:
+                del self._running[seq.lane][seq]
+                seq.running = False
+            else:
+                self._waiting[seq.lane].remove(seq)
+        if not seq.in_flight:
+            self.seqs.pop(seq.seq_id, None)

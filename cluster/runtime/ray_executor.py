@@ -31,13 +31,16 @@ class RayExecutor:
         self._last = layout.rank(layout.pp - 1, 0)
 
     async def execute(self, step: StepInput) -> StepOutput:
-        outputs = await asyncio.gather(*(self._call(actor, name, step) for actor, name in zip(self.actors, self.names)))
+        # Every call is sent before the first await: the engine relies on the step being on its way
+        # as soon as this coroutine starts (`cluster.engine.executor.Executor`).
+        refs = [actor.execute.remote(step) for actor in self.actors]
+        outputs = await asyncio.gather(*(self._wait(ref, name) for ref, name in zip(refs, self.names)))
         return outputs[self._last]
 
     @staticmethod
-    async def _call(actor, name: str, step: StepInput) -> StepOutput | None:
+    async def _wait(ref, name: str) -> StepOutput | None:
         try:
-            return await actor.execute.remote(step)
+            return await ref
         except ray.exceptions.RayActorError as e:
             # Ray's message goes on for a paragraph on possible causes; its first sentence says what happened.
             raise ShardDied(f"shard {name} died ({last_line(e).split('. ')[0]})") from None

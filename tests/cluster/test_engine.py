@@ -320,3 +320,25 @@ def test_close_ends_the_loop_even_when_a_step_completes_in_the_same_instant(work
     stats, outcome = asyncio.run(run())
     assert stats.failed == "the replica is shutting down" and stats.free_blocks == stats.num_blocks
     assert isinstance(outcome, ReplicaUnavailable) or outcome.sample.token_id == 9
+
+
+def test_a_stop_token_found_one_step_late_is_never_emitted(worker):
+    """With the next step scheduled while one runs, a request that stops on a stop token is in the
+    step already sent; that step's token for it is dropped, and its blocks all come back."""
+    prompt = [5, 6, 7, 8]
+    (alone,) = solo(worker, [(prompt, 8, 0.0)])
+
+    async def run():
+        engine = make_engine(worker)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids={alone[2]})
+        others = [asyncio.ensure_future(collect(engine, [9, 10, 11], 8)) for _ in range(3)]
+        got = [(u.sample.token_id, u.finish_reason) async for u in engine.generate(prompt, params)]
+        await asyncio.gather(*others)
+        stats = engine.stats()
+        await engine.close()
+        return got, stats
+
+    got, stats = asyncio.run(run())
+    stop_at = alone.index(alone[2])
+    assert [t for t, _ in got] == alone[:stop_at + 1] and got[-1][1] == "stop"
+    assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0

@@ -211,14 +211,15 @@ def test_chunked_prefill_continues_from_the_cached_prefix():
     run(sched, model, {0: [(0, prefix + [1], 1)]})
     prompt = prefix + list(range(500, 530))
     sched.add(1, prompt, greedy(2))
-    chunks = []
+    chunks, first_table = [], None
     while sched.seqs:
         batch = sched.schedule()
         chunks += batch.step.seqs
+        first_table = first_table or list(batch.step.seqs[0].block_table)  # the live table: copied while it runs
         sched.update(batch, model.run(batch))
     assert [(c.context_len, len(c.token_ids)) for c in chunks] == [(20, 8), (28, 8), (36, 8), (44, 6), (50, 1)]
-    assert chunks[0].block_table[:5] == sched.pools[0].match(block_hashes(prefix, BS))
-    assert len(chunks[0].block_table) == 7                               # 5 cached, then 2 of its own for 8 tokens
+    assert first_table[:5] == sched.pools[0].match(block_hashes(prefix, BS))
+    assert len(first_table) == 7                                         # 5 cached, then 2 of its own for 8 tokens
 
 
 def test_a_preempted_sequence_resumes_from_its_cached_blocks():

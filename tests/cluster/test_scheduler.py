@@ -161,13 +161,19 @@ def test_abort_frees_blocks_waiting_running_and_in_flight():
     assert {s.seq_id for s in batch.seqs} == {0, 1}
     assert sched.abort(2) and sched.abort(0)
     assert 0 in sched.seqs  # in flight: forgotten when its batch returns...
-    assert sched.num_free_blocks == 16 - 2  # ...but its blocks are free now: no batch of its lane can take them yet
-    with pytest.raises(AssertionError, match="still has a batch in flight"):
+    assert sched.num_free_blocks == 16 - 2  # ...but its blocks are free now: a batch that takes them runs after
+    ahead = sched.schedule()                # the batch after the one in flight: 1's decode only
+    assert [c.seq_id for c in ahead.step.seqs] == [1] and ahead.fed == ahead.step.seqs
+    with pytest.raises(AssertionError, match="still has two batches in flight"):
         sched.schedule()
-    updates = sched.update(batch, FakeModel(4).run(batch))
-    assert [u.seq_id for u in updates] == [1]
+    model = FakeModel(4)
+    samples = model.run(batch)
+    ahead.feed(samples)
+    updates = sched.update(batch, samples)
+    assert [u.seq_id for u in updates] == [1] and ahead.step.seqs[0].token_ids == [updates[0].sample.token_id]
     assert set(sched.seqs) == {1} and sched.num_free_blocks == 16 - 2
-    assert sched.abort(1) and sched.num_free_blocks == 16 and not sched.seqs
+    assert sched.abort(1) and sched.num_free_blocks == 16 and set(sched.seqs) == {1}  # held by `ahead`
+    assert sched.update(ahead, model.run(ahead)) == [] and not sched.seqs
     assert not sched.abort(1) and not sched.abort(42)
 
 
@@ -212,3 +218,119 @@ def test_add_refuses_a_duplicate_id_and_a_budget_below_the_batch():
         sched.add(0, [1], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="max_tokens_per_step .* must be at least max_num_seqs"):
         make(max_num_seqs=64, max_tokens_per_step=32)
+
+
+def drive_ahead(sched: Scheduler, arrivals, lanes: int = 1, abort_at: dict[int, list[int]] | None = None):
+    """As the engine drives it: while a lane's batch is in flight its next batch is scheduled ahead,
+    fed with the returned samples and sent before the returned batch's `update`."""
+    model, outputs, step = FakeModel(sched.block_size), {}, 0
+    in_flight: dict[int, Batch] = {}
+    ready: dict[int, Batch] = {}
+    aheads = 0
+    while step <= max(arrivals, default=0) or sched.seqs:
+        for seq_id, prompt, params in arrivals.get(step, []):
+            sched.add(seq_id, prompt, params)
+            outputs[seq_id] = []
+        for seq_id in (abort_at or {}).get(step, []):
+            sched.abort(seq_id)
+        for lane in range(lanes):
+            if lane not in in_flight and (b := sched.schedule(lane)) is not None:
+                in_flight[lane] = b
+            if lane in in_flight and lane not in ready and (b := sched.schedule(lane)) is not None:
+                ready[lane] = b
+        for lane in list(in_flight):
+            batch = in_flight.pop(lane)
+            samples = model.run(batch)
+            if (following := ready.pop(lane, None)) is not None:
+                following.feed(samples)
+                in_flight[lane] = following
+                aheads += 1
+            for u in sched.update(batch, samples):
+                outputs[u.seq_id].append(u.sample.token_id)
+        step += 1
+        assert step < 10_000
+    return outputs, aheads
+
+
+@pytest.mark.parametrize("num_blocks,lanes", [(400, 1), (24, 1), (400, 2), (48, 3)])
+def test_scheduling_ahead_gives_every_sequence_its_solo_run_and_wastes_no_block(num_blocks, lanes):
+    arrivals = workload()
+    stop = {}
+    for reqs in arrivals.values():   # every third request stops on its third token, one step after it was sent
+        for k, (seq_id, prompt, params) in enumerate(reqs):
+            if seq_id % 3 == 0 and params.max_tokens > 3:
+                stop[seq_id] = reference(prompt, 3)[2]
+                reqs[k] = (seq_id, prompt, SamplingParams(temperature=0, max_tokens=params.max_tokens,
+                                                          stop_token_ids={stop[seq_id]}))
+    sched = make(num_blocks=num_blocks, lanes=lanes)
+    outputs, aheads = drive_ahead(sched, arrivals, lanes, abort_at={5: [1, 2]})
+    assert aheads > 0
+    for reqs in arrivals.values():
+        for seq_id, prompt, params in reqs:
+            want = reference(prompt, params.max_tokens)
+            if seq_id in stop:
+                want = want[:want.index(stop[seq_id]) + 1]
+            if seq_id in (1, 2):
+                assert outputs[seq_id] == want[:len(outputs[seq_id])]
+            else:
+                assert outputs[seq_id] == want, seq_id
+    assert sched.num_free_blocks == num_blocks and not sched.seqs
+    sched.check_blocks()
+
+
+def test_a_sequence_whose_token_in_flight_is_its_last_is_not_scheduled_ahead():
+    sched = make()
+    sched.add(0, [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))
+    sched.add(1, [4, 5, 6], SamplingParams(temperature=0, max_tokens=5))
+    batch = sched.schedule()
+    ahead = sched.schedule()
+    assert [c.seq_id for c in ahead.step.seqs] == [1]
+    assert ahead.step.seqs[0].context_len == 3 and ahead.step.seqs[0].output_index == 1
+
+
+def test_scheduling_ahead_never_preempts():
+    # 2 blocks of 4: the two sequences fill them with their prompts; the next decode needs a third.
+    sched = make(num_blocks=2, block_size=4, prefix_caching=False)
+    sched.add(0, [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=3))
+    sched.add(1, [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3))
+    batch = sched.schedule()
+    assert sched.schedule() is None and sched.preemptions == 0
+    sched.update(batch, FakeModel(4).run(batch))
+    assert sched.schedule() is not None and sched.preemptions == 1    # with nothing in flight it does
+
+
+def test_sequences_are_held_by_identity_and_chunks_share_their_block_table():
+    sched = make()
+    params = SamplingParams(temperature=0, max_tokens=4)
+    sched.add(0, [1, 2, 3], params)
+    sched.add(1, [1, 2, 3], params)
+    a, b = sched.seqs[0], sched.seqs[1]
+    a.seq_id = b.seq_id = 7             # equal field by field: still two sequences
+    assert a != b and len({a, b}) == 2
+    a.seq_id, b.seq_id = 0, 1
+    batch = sched.schedule()
+    assert [c.block_table for c in batch.step.seqs] == [a.block_table, b.block_table]
+    assert batch.step.seqs[0].block_table is a.block_table and batch.step.seqs[1].block_table is b.block_table
+
+
+def test_per_step_work_does_not_grow_with_the_context(monkeypatch):
+    """Decodes of a long sequence append to its token list and hash only the block that fills: no
+    token list is rebuilt and no chain recomputed (a property of the work, not a timing)."""
+    import cluster.engine.kv_cache as kv
+
+    hashed = []
+    real = kv.hashlib.blake2b
+    monkeypatch.setattr(kv.hashlib, "blake2b", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    sched = make(num_blocks=256, block_size=4, max_model_len=2048, max_tokens_per_step=1024)
+    prompt = list(range(1, 801))
+    sched.add(0, prompt, SamplingParams(temperature=0, max_tokens=40))
+    tokens = sched.seqs[0].tokens
+    assert len(hashed) == 200                        # the prompt's blocks, once, at add()
+    model = FakeModel(4)
+    hashed.clear()
+    while sched.seqs:
+        batch = sched.schedule()
+        assert not sched.seqs or sched.seqs[0].tokens is tokens
+        sched.update(batch, model.run(batch))
+    assert len(hashed) == (800 + 39) // 4 - 200      # one per block whose KV the output filled
+    assert tokens[:800] == prompt and len(tokens) == 840
