@@ -88,7 +88,7 @@ async def bench(rounds: int, replica, model_dir: str) -> None:
 
     w = Workload()
     prompts = make_prompts(model_dir, w.requests, w.prompt_len)
-    config = ServeConfig.from_dict({"router": {"port": 0, "metrics_port": None}})
+    config = ServeConfig.from_dict({"router": {"port": 0, "http_port": 0, "metrics_port": None}})
     token_file = Path(tempfile.mkdtemp()) / "auth_token"  # Admin is not used here; keep ~/.caravan untouched
     router = build_router(config, model_dir, LocalBackend(replica.engine), default_token_file=token_file)
     await router.start()

@@ -50,8 +50,10 @@ router:                       # the front doors: gRPC (caravan.v1 Inference and 
   drain_grace_s: 30.0         # on SIGTERM or Admin.Drain: how long in-flight requests get to finish
   wait_for_replica_s: 30.0    # while no replica serves (one is recovering), how long a request waits for one
                               # (within its own deadline) before it gets UNAVAILABLE
-  auth_token_file: null       # a file holding the bearer token every RPC must carry; null: only Admin RPCs
-                              # need one, generated into ~/.caravan/auth_token
+  auth_token_file: null       # a file holding the bearer token every Inference RPC must carry; null: they
+                              # need none (the local demo)
+  admin_token_file: null      # a file holding the token Admin RPCs (status, scale, drain) need, never the
+                              # inference token; null: one generated into ~/.caravan/auth_token
   tls_cert_file: null         # PEM certificate chain; with tls_key_file the router speaks TLS only
   tls_key_file: null          # PEM private key of tls_cert_file
   api_keys_file: null         # HTTP API keys, one per line, any of which a request may carry as
@@ -218,6 +220,7 @@ class RouterSection:
     wait_for_replica_s: float = _rule(30.0, (lambda v: math.isfinite(v) and v >= 0,
                                              "use a finite number of seconds >= 0 (0: refuse at once)"))
     auth_token_file: str | None = _rule(None, _NOT_EMPTY, _path)
+    admin_token_file: str | None = _rule(None, _NOT_EMPTY, _path)
     tls_cert_file: str | None = _rule(None, _NOT_EMPTY, _path)
     tls_key_file: str | None = _rule(None, _NOT_EMPTY, _path)
     api_keys_file: str | None = _rule(None, _NOT_EMPTY, _path)

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 # Connection limits, so that no client holds the server's resources for free: dead peers are found by
 # keepalive pings and closed; idle connections close after 15 minutes; a connection is asked to go
 # away after an hour (its streams get another hour to finish: a long generation is not cut); a client
-# may not ping more than every 10 s without data; one connection carries at most 256 streams.
+# may not ping more than every 10 s without data. The streams of a connection are bounded by the
+# server's RPC cap and by admission, not by HTTP/2's per-connection limit: past that limit a stream is
+# reset (UNAVAILABLE) where a client over its share should hear RESOURCE_EXHAUSTED from admission.
 TRANSPORT_LIMITS = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -49,7 +51,6 @@ TRANSPORT_LIMITS = (
     ("grpc.max_connection_age_grace_ms", 60 * 60_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2),
-    ("grpc.max_concurrent_streams", 256),
 )
 
 
@@ -91,8 +92,9 @@ class Router:
         return self.admission.in_flight
 
     @property
-    def token_file(self) -> Path:
-        return self.credentials.file
+    def token_file(self) -> Path | None:
+        """The inference token's file; None when inference needs no token."""
+        return self.credentials.inference_file
 
     async def start(self) -> None:
         server = grpc.aio.server(

@@ -36,9 +36,12 @@ _USER_ERRORS = (InvalidRequest, Refused)
 
 @dataclass(frozen=True)
 class Credentials:
-    token: str
-    for_all: bool       # every RPC but health needs the token; else only Admin does
-    file: Path          # where the token is, for the error message
+    """The router's two tokens: inference clients never hold the admin token, so they cannot drain or
+    scale the router."""
+    inference: str | None       # what Inference RPCs need (router.auth_token_file); None: they need none
+    inference_file: Path | None
+    admin: str                  # what Admin RPCs need (router.admin_token_file, or a generated one)
+    admin_file: Path
 
 
 def handlers(service, servicer, metrics: RouterMetrics) -> grpc.GenericRpcHandler:
@@ -119,8 +122,9 @@ def _cancel_code(context: grpc.aio.ServicerContext) -> str:
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Bearer-token check: Admin always, every other service when a token is configured; the health
-    service never (Kubernetes' gRPC probes cannot send headers)."""
+    """Bearer-token check: Admin always, with the admin token (the inference token is refused there);
+    every other service with the inference token when one is configured; the health service never
+    (Kubernetes' gRPC probes cannot send headers)."""
 
     def __init__(self, credentials: Credentials, metrics: RouterMetrics):
         self.credentials, self.metrics = credentials, metrics
@@ -129,17 +133,34 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         method, creds = details.method, self.credentials
-        needs = method.startswith(self.admin_prefix) or (creds.for_all and not method.startswith(self.health_prefix))
         handler = await continuation(details)
-        if not needs or handler is None or self._authorized(details.invocation_metadata):
+        if handler is None or method.startswith(self.health_prefix):
             return handler
-        source = ("router.auth_token_file " if creds.for_all else "") + str(creds.file)
-        message = ("missing or wrong bearer token: send metadata 'authorization: Bearer <token>' "
-                   f"(the token is in {source})")
-        self.metrics.requests.labels("grpc", method.strip("/").replace("/", "."), "UNAUTHENTICATED").inc()
+        sent = _bearer(details.invocation_metadata)
+        if method.startswith(self.admin_prefix):
+            if _same(sent, creds.admin):
+                return handler
+            if creds.inference is not None and _same(sent, creds.inference):
+                code, message = grpc.StatusCode.PERMISSION_DENIED, (
+                    "the inference token cannot call Admin; send the admin token (router.admin_token_file, "
+                    f"here {creds.admin_file})")
+            else:
+                code, message = grpc.StatusCode.UNAUTHENTICATED, (
+                    "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' with the admin "
+                    f"token (in {creds.admin_file})")
+        elif creds.inference is None or _same(sent, creds.inference):
+            return handler
+        else:
+            code, message = grpc.StatusCode.UNAUTHENTICATED, (
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the token is in "
+                f"router.auth_token_file {creds.inference_file})")
+        return self._refusal(handler, method, code, message)
+
+    def _refusal(self, handler, method: str, code: grpc.StatusCode, message: str):
+        self.metrics.requests.labels("grpc", method.strip("/").replace("/", "."), code.name).inc()
 
         async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await context.abort(code, message)
 
         if handler.response_streaming:
             async def refuse_stream(request, context):
@@ -148,11 +169,16 @@ class BearerAuth(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(refuse_stream)
         return grpc.unary_unary_rpc_method_handler(refuse)
 
-    def _authorized(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return hmac.compare_digest(value[len("Bearer "):].encode(), self.credentials.token.encode())
-        return False
+
+def _bearer(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+    return None
+
+
+def _same(sent: str | None, token: str) -> bool:
+    return sent is not None and hmac.compare_digest(sent.encode(), token.encode())
 
 
 def read_pem(key: str, path: str) -> bytes:
@@ -163,26 +189,40 @@ def read_pem(key: str, path: str) -> bytes:
 
 
 def load_token(rc: RouterSection, default_file: Path) -> Credentials:
-    """A configured token file guards everything; without one, Admin RPCs still need a token,
-    generated once into `default_file` (mode 0600) for local CLIs."""
-    if rc.auth_token_file is not None:
-        path = Path(rc.auth_token_file)
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise ConfigError("router.auth_token_file", f"cannot read {path} ({e.strerror}); point it at a "
-                                                        "readable file holding the token") from None
-        if not token:
-            raise ConfigError("router.auth_token_file", f"{path} is empty; write the token into it")
-        return Credentials(token, True, path)
-    return Credentials(write_secret(default_file, secrets.token_urlsafe(32)), False, default_file)
+    """The inference token of router.auth_token_file (none: inference is open), and the admin token of
+    router.admin_token_file, or else one generated once into `default_file` (mode 0600) for local CLIs."""
+    inference = _read_token("router.auth_token_file", rc.auth_token_file)
+    if rc.admin_token_file is not None:
+        admin_file = Path(rc.admin_token_file)
+        admin = _read_token("router.admin_token_file", rc.admin_token_file)
+    else:
+        admin_file, admin = default_file, write_secret(default_file, secrets.token_urlsafe(32))
+    if inference is not None and hmac.compare_digest(inference.encode(), admin.encode()):
+        raise ConfigError("router.admin_token_file", "holds the same token as router.auth_token_file; give Admin a "
+                                                     "token of its own, or every inference client could drain and "
+                                                     "scale the router")
+    return Credentials(inference, None if inference is None else Path(rc.auth_token_file), admin, admin_file)
+
+
+def _read_token(key: str, file: str | None) -> str | None:
+    if file is None:
+        return None
+    path = Path(file)
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path} ({e.strerror}); point it at a readable file holding the "
+                               "token") from None
+    if not token:
+        raise ConfigError(key, f"{path} is empty; write the token into it")
+    return token
 
 
 def load_api_keys(rc: RouterSection, credentials: Credentials) -> tuple[str, ...] | None:
     """The keys the HTTP API takes: router.api_keys_file's lines (blank lines and # comments left out);
     without it, the router's token when router.auth_token_file guards every RPC; else None (open)."""
     if rc.api_keys_file is None:
-        return (credentials.token,) if credentials.for_all else None
+        return None if credentials.inference is None else (credentials.inference,)
     path = Path(rc.api_keys_file)
     try:
         lines = path.read_text().splitlines()

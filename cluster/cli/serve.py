@@ -154,7 +154,7 @@ async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens:
 
     def ask(stub: client.Router) -> int:
         return client.complete(stub, prompt, options, as_chat=True, as_json=False, out=sys.stdout, err=sys.stderr)
-    return await asyncio.to_thread(client.run, "serve", where, ask, token_file=Path(endpoint["token_file"]),
+    return await asyncio.to_thread(client.run, "serve", where, ask, token_file=endpoint["token_file"] and Path(endpoint["token_file"]),
                                    tls_ca=Path(endpoint["tls_cert_file"]) if endpoint["tls_cert_file"] else None,
                                    err=sys.stderr)
 

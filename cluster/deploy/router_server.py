@@ -53,7 +53,7 @@ class RouterServer:
         rc = self.config.router
         return {"host": rc.host, "port": self.router.port, "http_port": self.router.http_port,
                 "metrics_port": self.router.metrics_port, "tls_cert_file": rc.tls_cert_file,
-                "token_file": str(self.router.token_file)}
+                "token_file": self.router.token_file and str(self.router.token_file)}
 
     def serving(self) -> bool:
         return self.router.serving

@@ -34,14 +34,16 @@ def caravan_serve(folder: Path, config_yaml: str, token: str, **router) -> Itera
     path and the HTTP API's base URL (`http`)."""
     port = free_port()
     (folder / "token").write_text(token)
-    section = {"port": port, "http_port": free_port(), "auth_token_file": "token", **router}
+    (folder / "admin_token").write_text(f"admin-{token}")
+    section = {"port": port, "http_port": free_port(), "auth_token_file": "token", "admin_token_file": "admin_token",
+               **router}
     (folder / "cluster.yaml").write_text(config_yaml + "router: {" + ", ".join(
         f"{k}: {'null' if v is None else v}" for k, v in section.items()) + "}\n")
     target = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(target)
     try:
         with serve_subprocess(folder / "cluster.yaml", target, timeout_s=240) as proc:
-            clients = Clients(channel, token)
+            clients = Clients(channel, token, f"admin-{token}")
             clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", target
             clients.config_path = folder / "cluster.yaml"
             clients.http = f"http://127.0.0.1:{section['http_port']}" if section["http_port"] else None
@@ -93,17 +95,24 @@ class RouterThread:
 
 
 class Clients:
-    """Stubs over one channel, with the admin token at hand."""
+    """Stubs over one channel, with the inference token (`auth`) and the admin token (`admin_auth`) at hand."""
 
-    def __init__(self, channel: grpc.Channel, token: str):
+    def __init__(self, channel: grpc.Channel, token: str, admin_token: str | None = None):
         self.channel = channel
         self.inference = inference_pb2_grpc.InferenceStub(channel)
         self.admin = admin_pb2_grpc.AdminStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.auth = (("authorization", f"Bearer {token}"),)
+        self.admin_auth = (("authorization", f"Bearer {admin_token or token}"),)
+
+    @classmethod
+    def of(cls, channel: grpc.Channel, router) -> Clients:
+        """Clients of an in-process router, with its own tokens."""
+        creds = router.credentials
+        return cls(channel, creds.inference or "", creds.admin)
 
     def status(self):
-        return self.admin.Status(admin_pb2.StatusRequest(), metadata=self.auth, timeout=10)
+        return self.admin.Status(admin_pb2.StatusRequest(), metadata=self.admin_auth, timeout=10)
 
     def health_status(self, service: str = "") -> int:
         return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
@@ -135,14 +144,14 @@ class Clients:
 
 
 def expect_malformed(clients: Clients, suite) -> None:
-    """Sends each case as raw bytes (with the admin token); each must fail with exactly its code and
-    details that start with its field's path."""
+    """Sends each case as raw bytes (with the admin token to Admin, the inference token to the rest);
+    each must fail with exactly its code and details that start with its field's path."""
     for case in suite:
         streaming = case.method.endswith("/Generate")
         call = (clients.channel.unary_stream if streaming else clients.channel.unary_unary)(
             case.method, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as e:
-            result = call(case.request, timeout=30, metadata=clients.auth)
+            result = call(case.request, timeout=30, metadata=clients.admin_auth if case.admin else clients.auth)
             if streaming:
                 list(result)
         assert (e.value.code(), e.value.details().split(":")[0]) == (case.code, case.field), case.name

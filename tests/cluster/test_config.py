@@ -53,6 +53,7 @@ router:
   drain_grace_s: 5
   wait_for_replica_s: 12
   auth_token_file: secrets/token
+  admin_token_file: secrets/admin-token
   tls_cert_file: tls/cert.pem
   tls_key_file: tls/key.pem
   api_keys_file: secrets/api-keys

@@ -168,7 +168,7 @@ def test_scaling_1_2_1_through_the_dashboard_under_load_fails_no_request(server)
 
 
 def test_caravan_drain_stops_caravan_serve_with_exit_0(server):
-    token = server.log_path.parent / "token"
+    token = server.log_path.parent / "admin_token"
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "drain", "--server", server.target, "--token-file",
                              str(token)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "draining: 0 request(s) in flight" in result.stdout, result.stderr

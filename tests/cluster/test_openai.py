@@ -38,7 +38,7 @@ def served(smollm2_dir, tmp_path_factory):
     worker = ShardWorker(smollm2_dir, ParallelContext(Layout()), num_blocks=NUM_BLOCKS, block_size=BLOCK,
                          progress=False)
     rt = local_router(smollm2_dir, worker, tmp_path_factory.mktemp("openai"), NUM_BLOCKS, BLOCK, max_in_flight=64)
-    clients = Clients(rt.channel(), rt.router.credentials.token)
+    clients = Clients.of(rt.channel(), rt.router)
     clients.wait_health(SERVING)
     base = f"http://127.0.0.1:{rt.router.http_port}/v1"
     yield rt, clients, openai.OpenAI(base_url=base, api_key="none", max_retries=0), base
@@ -325,13 +325,13 @@ def test_draining_is_503_and_an_internal_failure_is_500(smollm2_dir, tmp_path):
         error = e.value.response.json()["error"]
         assert e.value.status_code == 500 and error["type"] == "server_error" and "boom" in error["message"]
 
-        clients = Clients(rt.channel(), rt.router.credentials.token)
+        clients = Clients.of(rt.channel(), rt.router)
         backend.fail, backend.release = None, threading.Event()
         in_flight = threading.Thread(target=sdk.completions.create, kwargs=dict(model=MODEL, prompt="Hi"))
         in_flight.start()
         while rt.router.in_flight == 0:
             time.sleep(0.01)
-        clients.admin.Drain(apb.DrainRequest(grace_period_s=5), metadata=clients.auth)
+        clients.admin.Drain(apb.DrainRequest(grace_period_s=5), metadata=clients.admin_auth)
         clients.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=2)
         with pytest.raises(openai.InternalServerError) as e:
             sdk.chat.completions.create(model=MODEL, messages=QUESTION)

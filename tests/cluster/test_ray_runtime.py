@@ -55,7 +55,8 @@ def model_dir(tmp_path_factory):
 
 def config(**sections) -> ServeConfig:
     base = {"layout": {"tp": 2, "pp": 2}, "kv_cache": {"num_blocks": 128, "block_size": 4},
-            "timeouts": {"step_s": 3, "health_check_period_s": 0.5}, "router": {"port": 0, "metrics_port": None},
+            "timeouts": {"step_s": 3, "health_check_period_s": 0.5},
+            "router": {"port": 0, "http_port": 0, "metrics_port": None},
             "name": "test"}
     return ServeConfig.from_dict({**base, **sections})
 

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
-from cluster.config import ServeConfig
+from cluster.config import ConfigError, ServeConfig
 from cluster.engine.engine import EngineStats
 from cluster.api.server import build_router
 from cluster.runtime.report import ReplicaInfo
@@ -48,7 +48,7 @@ def local_router(model_dir, worker, tmp_path, **router):
 @pytest.fixture(scope="module")
 def served(smollm2_dir, worker, tmp_path_factory):
     rt = local_router(smollm2_dir, worker, tmp_path_factory.mktemp("router"), max_in_flight=128)
-    clients = Clients(rt.channel(), rt.router.credentials.token)
+    clients = Clients.of(rt.channel(), rt.router)
     clients.wait_health(SERVING)
     yield rt, clients
     rt.close()
@@ -90,7 +90,7 @@ def test_llama31_chat_template_through_tokenize(tmp_path):
         shutil.copy(f, folder)
     rt = RouterThread(_stub_router(folder, tmp_path))
     try:
-        c = Clients(rt.channel(), rt.router.credentials.token)
+        c = Clients.of(rt.channel(), rt.router)
         ids = c.inference.Tokenize(pb.TokenizeRequest(chat=pb.Chat(messages=[
             pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hi")]))).token_ids
         text = c.inference.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
@@ -254,7 +254,7 @@ def test_two_thousand_idle_health_watches_leave_the_probe_and_generate_answering
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     rt, c = served
-    # Eight connections (channels share one unless told not to), each within its 256 streams.
+    # Eight connections, as eight clients would open (channels share one unless told not to).
     channels = [grpc.insecure_channel(rt.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)]
     watches, held, refused = [], 0, 0
     try:
@@ -370,11 +370,40 @@ def test_bearer_token_guards_every_rpc_but_health(smollm2_dir, tmp_path):
         rt.close()
 
 
+def test_the_inference_token_cannot_administer(smollm2_dir, tmp_path):
+    """Admin takes its own token: the one inference clients hold is refused there (it drained the router
+    before), and a config giving both the same token is refused naming the key."""
+    (tmp_path / "secret").write_text("s3cret\n")
+    (tmp_path / "admin").write_text("adm1n\n")
+    rt = RouterThread(_stub_router(smollm2_dir, tmp_path, auth_token_file=str(tmp_path / "secret"),
+                                   admin_token_file=str(tmp_path / "admin")))
+    try:
+        c = Clients(rt.channel(), "s3cret", "adm1n")
+        for call in (lambda md: c.admin.Drain(apb.DrainRequest(grace_period_s=1), metadata=md, timeout=5),
+                     lambda md: c.admin.Scale(apb.ScaleRequest(replicas=2), metadata=md, timeout=5),
+                     lambda md: c.admin.Status(apb.StatusRequest(), metadata=md, timeout=5)):
+            with pytest.raises(grpc.RpcError) as e:
+                call(c.auth)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+            assert "the inference token cannot call Admin" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # nor the other way round
+            c.inference.Tokenize(pb.TokenizeRequest(text="hi"), metadata=c.admin_auth, timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert c.status().draining is False and c.health_status("caravan.router") == SERVING
+    finally:
+        rt.close()
+    (tmp_path / "admin").write_text("s3cret\n")
+    config = ServeConfig.from_dict({"router": {"auth_token_file": str(tmp_path / "secret"),
+                                               "admin_token_file": str(tmp_path / "admin")}})
+    with pytest.raises(ConfigError, match="router.admin_token_file: holds the same token as router.auth_token_file"):
+        build_router(config, str(smollm2_dir), StubBackend())
+
+
 def test_health_follows_replica_progress(smollm2_dir, tmp_path):
     backend = StubBackend()
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend, wait_for_replica_s=0.3))
     try:
-        c = Clients(rt.channel(), rt.router.credentials.token)
+        c = Clients.of(rt.channel(), rt.router)
         assert c.health_status() == NOT_SERVING and c.health_status("caravan.router") == SERVING
         assert c.status().pending == "1 replica(s) starting (placement, shards, weights)"
         with pytest.raises(grpc.RpcError) as e:
@@ -405,7 +434,7 @@ def test_while_no_replica_serves_requests_wait_for_one_within_bounds(smollm2_dir
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend, wait_for_replica_s=2.0, max_in_flight=2,
                                   metrics_port=0))
     try:
-        c = Clients(rt.channel(), rt.router.credentials.token)
+        c = Clients.of(rt.channel(), rt.router)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
@@ -436,12 +465,12 @@ def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
     backend = StubBackend()
     backend.reports = [FakeInfo("a", _stats())]
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
-    c = Clients(rt.channel(), rt.router.credentials.token)
+    c = Clients.of(rt.channel(), rt.router)
     c.wait_health(SERVING, timeout_s=2)
     in_flight = c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
     while rt.router.in_flight == 0:
         time.sleep(0.01)
-    assert c.admin.Drain(apb.DrainRequest(grace_period_s=5), metadata=c.auth).in_flight == 1
+    assert c.admin.Drain(apb.DrainRequest(grace_period_s=5), metadata=c.admin_auth).in_flight == 1
     c.wait_health(NOT_SERVING, timeout_s=2)
     with pytest.raises(grpc.RpcError) as e:
         list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))

@@ -46,7 +46,7 @@ def test_a_layout_larger_than_the_cluster_names_what_is_missing(tmp_path, smollm
 @pytest.mark.slow
 def test_the_demo_answers_a_chat_prompt_through_the_cluster(tmp_path, smollm2_dir):
     path = tmp_path / "cluster.yaml"
-    path.write_text("layout: {tp: 1, pp: 2}\nrouter: {port: 0, metrics_port: 0}\n")
+    path.write_text("layout: {tp: 1, pp: 2}\nrouter: {port: 0, http_port: 0, metrics_port: 0}\n")
     # Ray's usual dashboard port taken (another local cluster, say): the local cluster's dashboard takes another.
     with socket.socket() as holder:
         try:
