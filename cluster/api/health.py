@@ -110,6 +110,13 @@ class ReplicaHealth:
             await self.servicer.set(REPLICA_SERVICE_PREFIX + v.info.name,
                                     _STATUS.SERVING if ok else _STATUS.NOT_SERVING)
 
+    def sequence_kv_tokens(self) -> int | None:
+        """The most tokens one sequence can hold on the serving replicas (the smallest KV cache of
+        them); None while none has reported it."""
+        sizes = [v.info.stats.sequence_kv_tokens for v in self.replicas
+                 if v.serving and v.info.stats.sequence_kv_tokens > 0]
+        return min(sizes, default=None)
+
     async def router_up(self) -> None:
         await self.servicer.set(ROUTER_SERVICE, _STATUS.SERVING)
 

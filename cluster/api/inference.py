@@ -22,8 +22,8 @@ from cluster.api.backend import Backend
 from cluster.api.metrics import RouterMetrics
 from cluster.api.textstream import TextStream
 from cluster.api.tokenizer import Tokenizer
-from cluster.api.validate import (Generation, Limits, check_chat, check_generate, check_prompt_length, check_text,
-                                  check_token_ids, invalid)
+from cluster.api.validate import (Generation, Limits, check_chat, check_generate, check_kv_fit, check_prompt_length,
+                                  check_text, check_token_ids, invalid)
 from cluster.config import ServeConfig
 from shard.sampler import Sample, SamplingParams
 
@@ -105,7 +105,8 @@ class Inference:
         """A checked request's prompt ids (chat template applied) and its parameters, max_tokens settled
         against the prompt's length. Runs inside the request's admission: tokenizing is work."""
         prompt_ids = await self.prompt_ids(req)
-        return prompt_ids, check_prompt_length(gen, len(prompt_ids), self.limits)
+        params = check_prompt_length(gen, len(prompt_ids), self.limits)
+        return prompt_ids, check_kv_fit(gen, len(prompt_ids), params, self.admission.health.sequence_kv_tokens())
 
     async def prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
         which = req.WhichOneof("input")

@@ -25,6 +25,7 @@ from cluster.api.validate import InvalidRequest, parse
 from cluster.config import ConfigError, RouterSection
 from cluster.tokens import write_secret
 from cluster.engine.engine import ReplicaFailed, ReplicaUnavailable
+from cluster.engine.request import RequestError
 from cluster.runtime.placement import PlacementError
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,11 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, f"the replica failed: {e}"
     if isinstance(e, PlacementError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, RequestError):  # the replica's own check (Ray wraps it: its cause is the message)
+        return grpc.StatusCode.OUT_OF_RANGE, str(getattr(e, "cause", None) or e)
     log.exception("internal error", exc_info=e)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+    # The exception's own text may hold anything (paths, tokens, other requests): it stays in the log.
+    return grpc.StatusCode.INTERNAL, "internal error in the router; its log has the details"
 
 
 @asynccontextmanager

@@ -245,5 +245,24 @@ def check_prompt_length(gen: Generation, prompt_len: int, limits: Limits) -> Sam
     return params
 
 
+def check_kv_fit(gen: Generation, prompt_len: int, params: SamplingParams, kv_tokens: int | None) -> SamplingParams:
+    """As `check_prompt_length`, against what one sequence can hold in a replica's KV cache
+    (`kv_tokens`, a lane's share of its blocks; None when no replica has said): a prompt that fits the
+    context window may not fit there."""
+    if kv_tokens is None:
+        return params
+    where = (f"a replica's KV cache holds {kv_tokens:,} tokens of one sequence (kv_cache.memory_per_shard, "
+             "block_size and the pipeline's lanes set it)")
+    if prompt_len >= kv_tokens:
+        raise out_of_range(gen.prompt_field, f"is {prompt_len:,} tokens; {where}, and at least one token must be "
+                                             "left to generate")
+    if not gen.max_tokens_set:
+        return replace(params, max_tokens=min(params.max_tokens, kv_tokens - prompt_len))
+    if prompt_len + params.max_tokens > kv_tokens:
+        raise out_of_range("max_tokens", f"{params.max_tokens:,} + the prompt's {prompt_len:,} tokens exceed what "
+                                         f"{where}; use at most {kv_tokens - prompt_len:,}")
+    return params
+
+
 def _show(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -71,6 +71,9 @@ class EngineStats:
     prefix_prompt_tokens: int = 0
     prefix_hit_tokens: int = 0
     prefix_evictions: int = 0
+    # The most tokens one sequence can hold: a lane's share of the blocks (a request needing more is
+    # refused), so that the router can refuse it first, naming the limit.
+    sequence_kv_tokens: int = 0
 
 
 class Engine:
@@ -97,7 +100,8 @@ class Engine:
         s, c = self.sched, self.sched.cache_stats()
         return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
                            s.preemptions, self.failed, s.queued_tokens, c.cached_blocks, c.requests, c.hit_requests,
-                           c.prompt_tokens, c.hit_tokens, c.evictions)
+                           c.prompt_tokens, c.hit_tokens, c.evictions,
+                           s.pools[0].num_blocks * s.block_size)
 
     def needs_probe(self, quiet_s: float) -> bool:
         """Healthy as far as it knows, but idle (nothing running or waiting) with no step for

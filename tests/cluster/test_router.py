@@ -17,7 +17,10 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from cluster.config import ConfigError, ServeConfig
-from cluster.engine.engine import EngineStats
+from cluster.api.backend import LocalBackend
+from cluster.engine.engine import Engine, EngineStats
+from cluster.engine.executor import LocalExecutor
+from cluster.engine.request import checkpoint_eos_ids
 from cluster.api.server import build_router
 from cluster.runtime.report import ReplicaInfo
 from shard.layout import Layout
@@ -131,6 +134,41 @@ def test_naming_the_broken_field_of_a_malformed_request_runs_off_the_event_loop(
     channel.close()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("prompt:")
     assert threads and all(t is not loop_thread for t in threads)
+
+
+def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_out_of_range(smollm2_dir, worker, tmp_path):
+    """8 blocks of 16 tokens: a sequence holds 128 tokens, far below SmolLM2's context. The router refuses
+    at once what cannot fit, naming the limit (it was INTERNAL, with the replica's traceback), and cuts an
+    unset max_tokens to what fits."""
+    config = ServeConfig.from_dict({"router": {"port": 0, "http_port": 0, "metrics_port": None},
+                                    "timeouts": {"health_check_period_s": 0.25, "step_s": 10}})
+
+    async def make():
+        engine = Engine(LocalExecutor(worker), worker.cfg, checkpoint_eos_ids(smollm2_dir), num_blocks=8,
+                        block_size=16, max_num_seqs=4, max_tokens_per_step=256, step_timeout_s=10)
+        r = build_router(config, str(smollm2_dir), LocalBackend(engine, probe_after_s=0.25),
+                         default_token_file=tmp_path / "auth_token")
+        await r.start()
+        return r
+    rt = RouterThread(make)
+    try:
+        c = Clients.of(rt.channel(), rt.router)
+        c.wait_health(SERVING)
+        long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[42] * 200), max_tokens=4)
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.inference.Generate(long, timeout=10))
+        assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE, e.value.details()
+        assert e.value.details().startswith("token_ids: is 200 tokens; a replica's KV cache holds 128 tokens")
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.inference.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[42] * 100), max_tokens=64),
+                                      timeout=10))
+        assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE and "use at most 28" in e.value.details()
+        unset = list(c.inference.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[42] * 100),
+                                                             ignore_eos=True), timeout=60))
+        assert unset[-1].usage.completion_tokens == 28 and unset[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        c.wait_all_blocks_free(timeout_s=2)
+    finally:
+        rt.close()
 
 
 def test_malformed_requests_get_documented_codes_naming_the_field(served):

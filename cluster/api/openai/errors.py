@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from cluster.api.admission import Refused
 from cluster.api.validate import InvalidRequest
 from cluster.engine.engine import ReplicaFailed, ReplicaUnavailable
+from cluster.engine.request import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -75,5 +76,9 @@ def api_error(e: BaseException, rename: Callable[[str], str]) -> APIError:
     if isinstance(e, ReplicaFailed):
         return APIError(503, f"the replica failed: {e}", type="service_unavailable_error", code="service_unavailable",
                         retry_after=True)
+    if isinstance(e, RequestError):  # the replica's own check (Ray wraps it: its cause is the message)
+        return APIError(413, str(getattr(e, "cause", None) or e), code="context_length_exceeded")
     log.exception("internal error", exc_info=e)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+    # The exception's own text may hold anything (paths, tokens, other requests): it stays in the log.
+    return APIError(500, "internal error in the router; its log has the details", type="server_error",
+                    code="internal_error")
