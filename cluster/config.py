@@ -19,6 +19,12 @@ kv_cache:
 scheduler:
   max_num_seqs: 64            # sequences in one step
   max_tokens_per_step: 512    # token budget of one step: decodes (1 each) + prefill chunks; >= max_num_seqs
+speculative:                  # several tokens per step, the output unchanged (cluster/engine/speculative.py)
+  method: null                # null: off; ngram: the draft is what followed the last tokens earlier on
+  num_tokens: 4               # tokens proposed per step
+  ngram: 3                    # the last 3 tokens are looked up among the earlier ones, else the last 2, ...
+  max_batch: 8                # a lane running more sequences does not speculate (compute-bound steps)
+  min_acceptance: 0.1         # a sequence accepting fewer of its drafts rests for 32 tokens
 timeouts:
   setup_s: 300.0              # actors start, join the process group and load weights
   step_s: 15.0                # one step; past it the replica is taken out of service and rebuilt
@@ -174,6 +180,15 @@ class SchedulerSection:
 
 
 @dataclass(frozen=True)
+class SpeculativeSection:
+    method: str | None = _rule(None, _one_of(("ngram",)))
+    num_tokens: int = _rule(4, _AT_LEAST_1)
+    ngram: int = _rule(3, _AT_LEAST_1)
+    max_batch: int = _rule(8, _AT_LEAST_1)
+    min_acceptance: float = _rule(0.1, (lambda v: 0 <= v <= 1, "use a number from 0 to 1"))
+
+
+@dataclass(frozen=True)
 class TimeoutsSection:
     setup_s: float = _rule(300.0, _SECONDS)
     step_s: float = _rule(15.0, _SECONDS)
@@ -233,6 +248,7 @@ class ServeConfig:
     replicas: int = _rule(1, _AT_LEAST_1)
     kv_cache: KVCacheSection = field(default_factory=KVCacheSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
     timeouts: TimeoutsSection = field(default_factory=TimeoutsSection)
     shard: ShardSection = field(default_factory=ShardSection)
     local_cluster: LocalClusterSection = field(default_factory=LocalClusterSection)

@@ -27,6 +27,7 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     ignore_eos: bool = False
     logprobs: int | None = None    # None: no logprobs; n: the sampled token's and the top n
+    speculate: bool = True         # False: never speculative decoding (the output is the same either way)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

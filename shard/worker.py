@@ -3,7 +3,8 @@ and executes steps; it does not schedule. Whatever delivers a step to every rank
 launcher, a Ray actor call) and whatever decides which sequences run (the engine) live above.
 
 Within a step, hidden states flow stage to stage over torch.distributed send/recv; only the last
-stage returns something: the sampled token of each sequence that asked for one.
+stage returns something: the sampled token of each sequence that asked for one (a token at every
+position of a chunk that carries a speculative draft, for the engine to verify).
 
 With `cuda_graphs` on a GPU, decode steps replay graphs captured at start (`shard.graphs`); the
 KV cache then holds one more block than `num_blocks`, for the graphs' padding rows, and
@@ -42,6 +43,9 @@ class SeqChunk:
     block_table: list[int]
     params: SamplingParams | None = None  # None: no token is wanted yet (a non-final prompt chunk)
     output_index: int = 0                 # tokens this sequence has generated so far
+    # Speculative decoding: the last `num_draft` tokens are proposed, not yet the model's; a token is
+    # sampled at each of the last num_draft + 1 positions, for the engine to verify the proposal.
+    num_draft: int = 0
 
 
 @dataclass
@@ -53,7 +57,9 @@ class StepInput:
 @dataclass
 class StepOutput:
     samples: dict[int, Sample] = field(default_factory=dict)  # seq_id -> sampled token
-    logits: torch.Tensor | None = None                       # [sampled seqs, vocab], in seqs order
+    logits: torch.Tensor | None = None                       # [sampled rows, vocab], in seqs order
+    # seq_id -> the samples at every position of a chunk with a draft (`SeqChunk.num_draft`), in order
+    verified: dict[int, list[Sample]] = field(default_factory=dict)
 
 
 log = logging.getLogger(__name__)
@@ -120,7 +126,9 @@ class ShardWorker:
             x = torch.tensor([t for s in seqs for t in s.token_ids], device=device)
         else:
             x = self.ctx.recv_prev((len(positions), self.cfg.hidden_size), self.model.dtype)
-        rows = torch.tensor([meta.starts[i] + query_lens[i] - 1 for i in wanted], dtype=torch.int64, device=device)
+        # The last row of each sampled chunk, and the num_draft rows before it for a chunk to verify.
+        rows = torch.tensor([meta.starts[i] + query_lens[i] - 1 - d for i in wanted
+                             for d in range(seqs[i].num_draft, -1, -1)], dtype=torch.int64, device=device)
         return self._finish(step, self.model(x, positions, meta, self.cache, logit_rows=rows), wanted)
 
     def _finish(self, step: StepInput, out: torch.Tensor, wanted: list[int]) -> StepOutput | None:
@@ -129,6 +137,12 @@ class ShardWorker:
         if not self.ctx.is_last_stage:
             self.ctx.send_next(out)
             return None
-        samples = sample(out, [seqs[i].params for i in wanted], [seqs[i].output_index for i in wanted])
-        return StepOutput({seqs[i].seq_id: smp for i, smp in zip(wanted, samples)},
-                          out.cpu() if step.return_logits else None)
+        rows = [(seqs[i], d) for i in wanted for d in range(seqs[i].num_draft + 1)]  # as the logits' rows
+        samples = sample(out, [c.params for c, _ in rows], [c.output_index + d for c, d in rows])
+        result = StepOutput(logits=out.cpu() if step.return_logits else None)
+        for (chunk, d), smp in zip(rows, samples):
+            if d == 0:
+                result.samples[chunk.seq_id] = smp
+            if chunk.num_draft:
+                result.verified.setdefault(chunk.seq_id, []).append(smp)
+        return result

@@ -32,11 +32,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import AsyncIterator, Callable
 
+from cluster.config import SpeculativeSection
 from cluster.engine.executor import Executor
 from cluster.engine.scheduler import Batch, Scheduler, TokenUpdate
+from cluster.engine.speculative import SpecStats
 from shard.config import ModelConfig
 from shard.sampler import SamplingParams
 
@@ -74,17 +76,23 @@ class EngineStats:
     # The most tokens one sequence can hold: a lane's share of the blocks (a request needing more is
     # refused), so that the router can refuse it first, naming the limit.
     sequence_kv_tokens: int = 0
+    # Speculative decoding (`cluster.engine.speculative.SpecStats`), counted since the replica started.
+    spec_steps: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    spec_emitted: int = 0
 
 
 class Engine:
     def __init__(self, executor: Executor, cfg: ModelConfig, eos_token_ids: frozenset[int], *, num_blocks: int,
                  block_size: int, lanes: int = 1, max_num_seqs: int = 64, max_tokens_per_step: int = 512,
-                 step_timeout_s: float = 15.0, name: str = "replica", prefix_caching: bool = True):
+                 step_timeout_s: float = 15.0, name: str = "replica", prefix_caching: bool = True,
+                 speculative: SpeculativeSection | None = None):
         self.executor, self.cfg, self.name = executor, cfg, name
         self.sched = Scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
                                max_tokens_per_step=max_tokens_per_step,
                                max_model_len=cfg.max_position_embeddings, eos_token_ids=eos_token_ids, lanes=lanes,
-                               vocab_size=cfg.vocab_size, prefix_caching=prefix_caching)
+                               vocab_size=cfg.vocab_size, prefix_caching=prefix_caching, speculative=speculative)
         self.step_timeout_s = step_timeout_s
         self.steps = 0
         self.last_progress = time.monotonic()   # when a step last completed (or the engine started)
@@ -101,7 +109,7 @@ class Engine:
         return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
                            s.preemptions, self.failed, s.queued_tokens, c.cached_blocks, c.requests, c.hit_requests,
                            c.prompt_tokens, c.hit_tokens, c.evictions,
-                           s.pools[0].num_blocks * s.block_size)
+                           s.pools[0].num_blocks * s.block_size, *astuple(s.spec.stats if s.spec else SpecStats()))
 
     def needs_probe(self, quiet_s: float) -> bool:
         """Healthy as far as it knows, but idle (nothing running or waiting) with no step for
@@ -187,7 +195,7 @@ class Engine:
                     await asyncio.sleep(0)  # lets the executor's call start (send the step) before the work below
                 self.steps += 1
                 self.last_progress = time.monotonic()
-                for update in self.sched.update(batch, out.samples):
+                for update in self.sched.update(batch, out.samples, out.verified):
                     queue = self._streams.get(update.seq_id)
                     if queue is not None:
                         queue.put_nowait(update)

@@ -141,6 +141,13 @@ class BlockManager:
                 self._free.append(b)
         table.clear()
 
+    def shrink(self, table: list[int], num_tokens: int) -> None:
+        """Frees the blocks of `table` past the first `num_tokens` tokens (a draft's rejected tokens):
+        blocks only its sequence holds, never published, while no step in flight reads them."""
+        tail = table[self.blocks_for(num_tokens):]
+        del table[len(table) - len(tail):]
+        self.free(tail)
+
     def drop_cache(self) -> None:
         """Forgets every cached block (the KV is gone: the replica failed). Only once nothing is held."""
         assert not self._refs, "drop_cache() while sequences hold blocks"

@@ -27,6 +27,9 @@ which KV blocks. No I/O and no clock: the engine calls `add`, `schedule`, `updat
   flight is its last (max_tokens) is left out; one that stops on a stop token is in it anyway, and
   the token computed for it is dropped, never emitted. Scheduling ahead never preempts: where a
   running sequence would need it, there is no batch ahead.
+- Speculative decoding (`speculative`, when configured): a lane with nothing in flight and few
+  enough sequences gives a decode a draft of a few tokens, verified in the same step; such a lane
+  is not scheduled ahead, since its next inputs are known only once the verification returns.
 - Per-step work follows the sequences scheduled and the tokens they run, never their context or
   the batch squared: sequences held by identity, tokens appended to one list, hash chains extended,
   and a chunk hands the worker the sequence's block table itself, not a copy (while a batch holds
@@ -38,9 +41,11 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
+from cluster.config import SpeculativeSection
 from cluster.engine.kv_cache import BlockManager, CacheStats, block_hashes
 from cluster.engine.request import RequestError, check_request
 from cluster.engine.sequence import PENDING, Batch, Sequence, TokenUpdate
+from cluster.engine.speculative import Speculator
 from shard.sampler import Sample, SamplingParams, stop_reason
 from shard.worker import SeqChunk, StepInput
 
@@ -49,7 +54,7 @@ __all__ = ["Batch", "Scheduler", "Sequence", "TokenUpdate"]
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_num_seqs: int, max_tokens_per_step: int,
                  max_model_len: int, eos_token_ids: frozenset[int], lanes: int = 1, vocab_size: int | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, speculative: SpeculativeSection | None = None):
         if max_tokens_per_step < max_num_seqs:
             raise ValueError(f"max_tokens_per_step ({max_tokens_per_step}) must be at least max_num_seqs "
                              f"({max_num_seqs}): a step must hold one decode token of every running sequence")
@@ -69,6 +74,7 @@ class Scheduler:
         self._arrivals = 0
         self.preemptions = 0
         self._admissions = CacheStats()
+        self.spec = Speculator(speculative) if speculative is not None and speculative.method else None
 
     @property
     def lanes(self) -> int:
@@ -163,11 +169,14 @@ class Scheduler:
         running, waiting, pool = self._running[lane], self._waiting[lane], self.pools[lane]
         assert self._batches[lane] < 2, f"lane {lane} still has two batches in flight"
         ahead = self._batches[lane] == 1
+        speculate = self.spec is not None and self.spec.active(running, len(running))
+        if ahead and speculate:
+            return None
         budget = self.max_tokens_per_step
         # Running sequences first, as they already hold blocks: decodes, then unfinished prompts,
         # oldest first within each, so that a long prompt never starves the decodes.
         order = sorted(running, key=lambda s: (s.length - s.num_computed > 1, s.arrival))
-        chosen = self._ahead(order, budget, pool) if ahead else self._running_chunks(order, budget, lane)
+        chosen = self._ahead(order, budget, pool) if ahead else self._running_chunks(order, budget, lane, speculate)
         if chosen is None:
             return None
         budget -= sum(n for _, n in chosen)
@@ -192,12 +201,14 @@ class Scheduler:
         return self._batch(lane, chosen) if chosen else None
 
     def _next_chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens of a running sequence for the next step: none where the token in flight is its last."""
-        if seq.pending and seq.num_output + seq.pending >= seq.params.max_tokens:
+        """Tokens of a running sequence for the next step: none where the token in flight is its last,
+        or where a draft in flight decides what its next input is."""
+        if seq.draft or seq.pending and seq.num_output + seq.pending >= seq.params.max_tokens:
             return 0
         return min(seq.length - seq.num_computed, budget)
 
-    def _running_chunks(self, order: list[Sequence], budget: int, lane: int) -> list[tuple[Sequence, int]]:
+    def _running_chunks(self, order: list[Sequence], budget: int, lane: int,
+                        speculate: bool) -> list[tuple[Sequence, int]]:
         """The running sequences' chunks with nothing in flight: each grows, preempting the lane's
         newest sequences where blocks run out."""
         chosen = []
@@ -210,6 +221,8 @@ class Scheduler:
             if (seq.num_computed + n > len(seq.block_table) * self.block_size  # most decodes have room
                     and not self._make_room(seq, seq.num_computed + n, lane)):
                 continue
+            if speculate and seq.length - seq.num_computed == 1:
+                n += len(self.spec.propose(seq, budget - n, self.pools[lane], len(self._running[lane])))
             self.pools[lane].grow(seq.block_table, seq.num_computed + n)
             chosen.append((seq, n))
             budget -= n
@@ -232,11 +245,13 @@ class Scheduler:
     def _batch(self, lane: int, chosen: list[tuple[Sequence, int]]) -> Batch:
         chunks, fed = [], []
         for seq, n in chosen:
-            start, end = seq.num_computed, seq.num_computed + n
+            k = len(seq.draft)  # n counts its draft's tokens, whose KV counts as computed once accepted
+            start, end = seq.num_computed, seq.num_computed + n - k
             sampled = end == seq.length
             ahead = end > len(seq.tokens)  # a decode of the token the batch in flight samples
-            chunk = SeqChunk(seq.seq_id, [PENDING] if ahead else seq.tokens[start:end], start, seq.block_table,
-                             seq.params if sampled else None, seq.output_offset + seq.num_output + seq.pending)
+            chunk = SeqChunk(seq.seq_id, [PENDING] if ahead else seq.tokens[start:end] + seq.draft, start,
+                             seq.block_table, seq.params if sampled else None,
+                             seq.output_offset + seq.num_output + seq.pending, k)
             chunks.append(chunk)
             if ahead:
                 fed.append(chunk)
@@ -246,9 +261,11 @@ class Scheduler:
         self._batches[lane] += 1
         return Batch(lane, [s for s, _ in chosen], StepInput(chunks), fed)
 
-    def update(self, batch: Batch, samples: dict[int, Sample]) -> list[TokenUpdate]:
-        """Takes a batch back with its sampled tokens; returns one update per token produced. A
-        sequence done meanwhile (aborted, or stopped by the batch before) gets none."""
+    def update(self, batch: Batch, samples: dict[int, Sample],
+               verified: dict[int, list[Sample]] | None = None) -> list[TokenUpdate]:
+        """Takes a batch back with its sampled tokens (`verified`: those of every position of the
+        chunks with a draft); returns one update per token produced. A sequence done meanwhile
+        (aborted, or stopped by the batch before) gets none."""
         self._batches[batch.lane] -= 1
         updates = []
         for seq, chunk in zip(batch.seqs, batch.step.seqs):
@@ -256,6 +273,9 @@ class Scheduler:
             seq.pending -= chunk.params is not None
             if seq.done:
                 self._retire(seq)
+                continue
+            if chunk.num_draft:
+                updates += self._verified(seq, verified[seq.seq_id])
                 continue
             seq.num_written = chunk.context_len + len(chunk.token_ids)
             if seq.num_written // self.block_size > seq.num_published:
@@ -268,6 +288,25 @@ class Scheduler:
             updates.append(TokenUpdate(seq.seq_id, smp, reason))
             if reason is not None:
                 self._retire(seq)
+        return updates
+
+    def _verified(self, seq: Sequence, samples: list[Sample]) -> list[TokenUpdate]:
+        """A verify chunk's tokens (its accepted drafts and the one after them, up to a stop); its
+        blocks past them go back to the pool, and only blocks of accepted tokens are published."""
+        updates, reason = [], None
+        for smp in self.spec.accept(seq, samples):
+            seq.tokens.append(smp.token_id)
+            reason = stop_reason(seq.params, smp.token_id, seq.num_output, self.eos_token_ids)
+            updates.append(TokenUpdate(seq.seq_id, smp, reason))
+            if reason is not None:
+                break
+        seq.num_computed = seq.num_written = len(seq.tokens) - 1  # the last token is the next input
+        self._publish(seq)
+        if reason is not None:
+            self._retire(seq)
+            return updates
+        assert not seq.in_flight, "a sequence with a draft was scheduled ahead"
+        self.pools[seq.lane].shrink(seq.block_table, len(seq.tokens))
         return updates
 
     def fail_all(self) -> list[int]:

@@ -5,9 +5,13 @@ grows with its context), and its tokens are one list that each step appends to."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shard.sampler import Sample, SamplingParams
 from shard.worker import SeqChunk, StepInput
+
+if TYPE_CHECKING:
+    from cluster.engine.speculative import SpecState
 
 PENDING = -1   # the input token of a decode scheduled ahead, until `Batch.feed` sets it
 
@@ -32,6 +36,8 @@ class Sequence:
     in_flight: int = 0                            # batches holding it (two when one is scheduled ahead)
     done: bool = False                            # finished or aborted; forgotten once no batch holds it
     preemptions: int = 0
+    draft: list[int] = field(default_factory=list)  # speculative tokens of its chunk in flight (`speculative`)
+    spec: SpecState | None = None                 # what speculation keeps of it; None until it first proposes
 
     @property
     def num_output(self) -> int:

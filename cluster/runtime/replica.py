@@ -141,7 +141,7 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
                             max_num_seqs=cfg.scheduler.max_num_seqs,
                             max_tokens_per_step=cfg.scheduler.max_tokens_per_step,
                             step_timeout_s=cfg.timeouts.step_s, name=name,
-                            prefix_caching=cfg.kv_cache.prefix_caching)
+                            prefix_caching=cfg.kv_cache.prefix_caching, speculative=cfg.speculative)
     return replica
 
 
