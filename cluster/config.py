@@ -54,6 +54,7 @@ router:                       # the front doors: gRPC (caravan.v1 Inference and 
   max_in_flight: 256          # requests admitted at once (streaming or queued); more get RESOURCE_EXHAUSTED
   max_message_bytes: 4MiB     # largest request the transport accepts; fields have their own limits inside it
   drain_grace_s: 30.0         # on SIGTERM or Admin.Drain: how long in-flight requests get to finish
+  max_request_s: 3600.0       # the longest a request may stream, whatever deadline it asks for (or none)
   wait_for_replica_s: 30.0    # while no replica serves (one is recovering), how long a request waits for one
                               # (within its own deadline) before it gets UNAVAILABLE
   auth_token_file: null       # a file holding the bearer token every Inference RPC must carry; null: they
@@ -232,6 +233,7 @@ class RouterSection:
     max_in_flight: int = _rule(256, _AT_LEAST_1)
     max_message_bytes: int = _rule(4 * 2**20, (lambda v: v >= 2**10, "use at least 1KiB"), _bytes)
     drain_grace_s: float = _rule(30.0, (lambda v: math.isfinite(v) and v >= 0, "use a finite number of seconds >= 0"))
+    max_request_s: float = _rule(3600.0, _SECONDS)
     wait_for_replica_s: float = _rule(30.0, (lambda v: math.isfinite(v) and v >= 0,
                                              "use a finite number of seconds >= 0 (0: refuse at once)"))
     auth_token_file: str | None = _rule(None, _NOT_EMPTY, _path)

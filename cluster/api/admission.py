@@ -35,17 +35,20 @@ class Admission:
     def draining(self) -> bool:
         return self.health.draining
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Holds one of `router.max_in_flight` places for the request's whole life, or refuses it at
-        once: draining, or the places all taken (those waiting for a replica included, so waiting
-        stays bounded)."""
+    def check(self) -> None:
+        """Refuses at once what would not be admitted now: draining, or the places all taken."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, DRAINING)
         if self.in_flight >= self.rc.max_in_flight:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the router's queue is full ({self.in_flight} requests in flight, router.max_in_flight="
                           f"{self.rc.max_in_flight}); retry with backoff")
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Holds one of `router.max_in_flight` places for the request's whole life, or refuses it at
+        once (`check`); those waiting for a replica hold theirs, so waiting stays bounded."""
+        self.check()
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:

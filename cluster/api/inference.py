@@ -16,8 +16,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import grpc
+
 from caravan.v1 import inference_pb2 as pb
-from cluster.api.admission import Admission
+from cluster.api.admission import Admission, Refused
 from cluster.api.backend import Backend
 from cluster.api.metrics import RouterMetrics
 from cluster.api.textstream import TextStream
@@ -70,6 +72,10 @@ class Inference:
             text, samples, produced = TextStream(self.tokenizer, stop), [], 0
             async with aclosing(self.backend.generate(prompt_ids, params)) as updates:
                 async for update in updates:
+                    if time.monotonic() - received > self.config.router.max_request_s:
+                        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, (
+                            f"the request streamed for more than router.max_request_s="
+                            f"{self.config.router.max_request_s:g} s and was ended; ask for fewer tokens"))
                     produced += 1
                     samples.append(update.sample)
                     delta = text.push(update.sample.token_id)
@@ -148,23 +154,30 @@ class Inference:
                                                      total_time_s=u.total_time_s))
                 yield response
 
+    # Tokenize, Detokenize and ModelInfo hold an admission place too: tokenizing is work, and a flood of
+    # them must meet the same bound as Generate.
+
     async def Tokenize(self, req: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         which = req.WhichOneof("input")
         if which is None:
             raise invalid("input", "is missing; set one of text or chat")
-        if which == "text":
-            check_text(req.text, "text", self.limits)
-            ids = await asyncio.to_thread(self.tokenizer.encode, req.text)
-        else:
-            ids = await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat")
+        with self.admission.admitted():
+            if which == "text":
+                check_text(req.text, "text", self.limits)
+                ids = await asyncio.to_thread(self.tokenizer.encode, req.text)
+            else:
+                ids = await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat")
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, req: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         ids = check_token_ids(req.token_ids, "token_ids", self.limits, allow_empty=True)
-        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, req.skip_special_tokens))
+        with self.admission.admitted():
+            text = await asyncio.to_thread(self.tokenizer.decode, ids, req.skip_special_tokens)
+        return pb.DetokenizeResponse(text=text)
 
     async def ModelInfo(self, req: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         layout = self.config.layout
+        self.admission.check()  # refused like any other call while draining or full; too cheap to hold a place
         return pb.ModelInfoResponse(
             model=self.model_name, context_length=self.limits.context_length, vocab_size=self.limits.vocab_size,
             tensor_parallel=layout.tp, pipeline_parallel=layout.pp, replicas=len(self.admission.health.replicas),

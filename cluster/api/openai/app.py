@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cluster.api.admission import Admission
-from cluster.api.health import ReplicaHealth
+from cluster.api.health import INFERENCE_SERVICE, ROUTER_SERVICE, ReplicaHealth
 from cluster.api.inference import Chunk, Inference
 from cluster.api.metrics import RouterMetrics
 from cluster.api.openai.errors import APIError, api_error, bad_field, unauthorized, unknown_model
@@ -61,7 +61,14 @@ class OpenAIApp:
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     async def health_check(self, request: Request) -> Response:
-        """200 while caravan.v1.Inference is SERVING (a replica makes progress); 503 otherwise."""
+        """200 while caravan.v1.Inference is SERVING (a replica makes progress); 503 otherwise. As in
+        grpc.health.v1, `?service=caravan.router` asks whether the router runs, whatever its replicas do:
+        the liveness question, for probes that cannot speak gRPC (the kubelet's, over TLS)."""
+        service = request.query_params.get("service", "")
+        if service == ROUTER_SERVICE:
+            return JSONResponse({"status": "serving"})
+        if service not in ("", INFERENCE_SERVICE):
+            return JSONResponse({"status": f"unknown service {service!r}"}, status_code=404)
         if self.health.serving:
             return JSONResponse({"status": "serving"})
         return JSONResponse({"status": "draining" if self.health.draining else "not serving"}, status_code=503)
