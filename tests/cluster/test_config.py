@@ -57,6 +57,7 @@ router:
   max_in_flight: 1000
   max_message_bytes: 16MiB
   drain_grace_s: 5
+  max_request_s: 600
   wait_for_replica_s: 12
   auth_token_file: secrets/token
   admin_token_file: secrets/admin-token
