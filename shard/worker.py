@@ -46,6 +46,9 @@ class SeqChunk:
     # Speculative decoding: the last `num_draft` tokens are proposed, not yet the model's; a token is
     # sampled at each of the last num_draft + 1 positions, for the engine to verify the proposal.
     num_draft: int = 0
+    # Constrained decoding: the tokens this chunk's (first) sample may be, one bit per vocabulary id
+    # packed in little-endian int32 words (`cluster.engine.grammar`); None: any token.
+    bitmask: bytes | None = None
 
 
 @dataclass
@@ -138,7 +141,8 @@ class ShardWorker:
             self.ctx.send_next(out)
             return None
         rows = [(seqs[i], d) for i in wanted for d in range(seqs[i].num_draft + 1)]  # as the logits' rows
-        samples = sample(out, [c.params for c, _ in rows], [c.output_index + d for c, d in rows])
+        samples = sample(out, [c.params for c, _ in rows], [c.output_index + d for c, d in rows],
+                         [c.bitmask if d == 0 else None for c, d in rows])
         result = StepOutput(logits=out.cpu() if step.return_logits else None)
         for (chunk, d), smp in zip(rows, samples):
             if d == 0:

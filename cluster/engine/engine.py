@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import itertools
 import logging
 import time
@@ -37,6 +38,8 @@ from typing import AsyncIterator, Callable
 
 from cluster.config import SpeculativeSection
 from cluster.engine.executor import Executor
+from cluster.engine.grammar import Constraint, GrammarError, Grammars, Matcher, accept_samples, fill_masks
+from cluster.engine.request import RequestError
 from cluster.engine.scheduler import Batch, Scheduler, TokenUpdate
 from cluster.engine.speculative import SpecStats
 from shard.config import ModelConfig
@@ -85,6 +88,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, executor: Executor, cfg: ModelConfig, eos_token_ids: frozenset[int], *, num_blocks: int,
+                 grammars: Grammars | None = None,
                  block_size: int, lanes: int = 1, max_num_seqs: int = 64, max_tokens_per_step: int = 512,
                  step_timeout_s: float = 15.0, name: str = "replica", prefix_caching: bool = True,
                  speculative: SpeculativeSection | None = None):
@@ -99,6 +103,11 @@ class Engine:
         self.failed: str | None = None
         # Called once with the reason when a step fails (not on close): the replica starts its repair.
         self.on_failure: Callable[[str], None] | None = None
+        # Constrained decoding (`cluster.engine.grammar`): None refuses constrained requests.
+        self.grammars = grammars
+        self._matchers: dict[int, Matcher] = {}
+        self.constrained_requests = 0
+        self.mask_seconds = 0.0        # filling bitmasks, summed over the steps (the engine's share of a step)
         self._ids = itertools.count()
         self._streams: dict[int, asyncio.Queue] = {}
         self._wake = asyncio.Event()
@@ -119,13 +128,22 @@ class Engine:
         return (self.failed is None and s.num_running == s.num_waiting == 0
                 and time.monotonic() - self.last_progress > quiet_s)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       output_offset: int = 0) -> AsyncIterator[TokenUpdate]:
-        """`output_offset`: see `Scheduler.add` (a request resumed after its replica failed)."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, output_offset: int = 0,
+                       constraint: Constraint | None = None) -> AsyncIterator[TokenUpdate]:
+        """`output_offset`: see `Scheduler.add` (a request resumed after its replica failed; a
+        constrained one's grammar accepts those tokens first). `constraint`: what the output must match."""
         if self.failed is not None:
             raise ReplicaUnavailable(f"{self.name} is out of service: {self.failed}")
         seq_id = next(self._ids)
-        self.sched.add(seq_id, prompt_ids, params, output_offset)
+        if constraint is not None:
+            # A mask is for a chunk's first sample only: speculative drafts would go unchecked.
+            params = dataclasses.replace(params, speculate=False)
+            self._matchers[seq_id] = await self._matcher(constraint, prompt_ids[len(prompt_ids) - output_offset:])
+        try:
+            self.sched.add(seq_id, prompt_ids, params, output_offset)
+        except BaseException:
+            self._matchers.pop(seq_id, None)
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[seq_id] = queue
         self._ensure_loop()
@@ -139,8 +157,27 @@ class Engine:
                 if item.finish_reason is not None:
                     return
         finally:
+            self._matchers.pop(seq_id, None)
             if self._streams.pop(seq_id, None) is not None and self.failed is None:
                 self.sched.abort(seq_id)  # left early: free its blocks now, or when its batch returns
+
+    async def _matcher(self, constraint: Constraint, produced: list[int]) -> Matcher:
+        if self.grammars is None:
+            raise RequestError("this replica cannot constrain its output (it was built without grammars)")
+        try:
+            matcher = await asyncio.to_thread(self.grammars.matcher, constraint, produced)
+        except GrammarError as e:
+            raise RequestError(f"response_format: {e}") from None
+        self.constrained_requests += 1
+        return matcher
+
+    def _submit(self, batch: Batch) -> asyncio.Future:
+        """Sends a batch whose inputs are all known, its constrained chunks' bitmasks filled first."""
+        if self._matchers:
+            start = time.perf_counter()
+            fill_masks(self._matchers, batch.step.seqs)
+            self.mask_seconds += time.perf_counter() - start
+        return asyncio.ensure_future(self.executor.execute(batch.step))
 
     def abort(self, request_id: int) -> bool:
         """Ends a request from outside its iterator; it sees `asyncio.CancelledError`."""
@@ -187,11 +224,13 @@ class Engine:
                                         f"the {self.step_timeout_s:g} s step timeout")
                 in_flight.popleft()
                 out = future.result()
+                if self._matchers:
+                    self._refuse(accept_samples(self._matchers, batch.step.seqs, out.samples, self._live))
                 # The lane's next step first, so that the shards wait on nothing but this: then the
                 # tokens of the step that returned go to their requests while the next one runs.
                 if (following := ready.pop(batch.lane, None)) is not None:
                     following.feed(out.samples)
-                    in_flight.append((following, asyncio.ensure_future(self.executor.execute(following.step))))
+                    in_flight.append((following, self._submit(following)))
                     await asyncio.sleep(0)  # lets the executor's call start (send the step) before the work below
                 self.steps += 1
                 self.last_progress = time.monotonic()
@@ -220,10 +259,24 @@ class Engine:
         busy = {batch.lane for batch, _ in in_flight}
         for lane in range(self.sched.lanes):
             if lane not in busy and (batch := self.sched.schedule(lane)) is not None:
-                in_flight.append((batch, asyncio.ensure_future(self.executor.execute(batch.step))))
+                in_flight.append((batch, self._submit(batch)))
                 busy.add(lane)
             if lane in busy and lane not in ready and (ahead := self.sched.schedule(lane)) is not None:
                 ready[lane] = ahead
+
+    def _live(self, seq_id: int) -> bool:
+        seq = self.sched.seqs.get(seq_id)
+        return seq is not None and not seq.done
+
+    def _refuse(self, seq_ids: list[int]) -> None:
+        """Ends the sequences whose sampled token their grammar refused (an internal error: the mask
+        allows only tokens it accepts) rather than stream output that breaks their format."""
+        for seq_id in seq_ids:
+            log.error("%s: sequence %d sampled a token its grammar refuses", self.name, seq_id)
+            queue = self._streams.pop(seq_id, None)
+            self.sched.abort(seq_id)
+            if queue is not None:
+                queue.put_nowait(RequestError("the sampled token does not fit the request's grammar"))
 
     def fail(self, reason: str) -> None:
         """Takes the engine out of service from outside a step (an idle replica's ping or probe
