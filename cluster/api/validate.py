@@ -22,6 +22,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from caravan.v1 import inference_pb2 as pb
+from cluster.api.constraints import FieldError, check_output
+from cluster.api.tools import ToolSet
+from cluster.engine.grammar import Constraint
 from shard.sampler import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -69,6 +72,9 @@ class Generation:
     max_tokens_set: bool
     stop: tuple[str, ...]
     echo_prompt_ids: bool
+    constraint: Constraint | None = None   # what the output must match (response_format, or a forced tool call)
+    constraint_field: str = "response_format"
+    tools: ToolSet | None = None
 
 
 def parse(cls: type[M], data: bytes) -> M:
@@ -148,11 +154,24 @@ def check_chat(chat: pb.Chat, limits: Limits, field: str = "chat") -> list[dict[
             raise invalid(f"{where}.role", f"is missing; use one of {', '.join(ROLES)}")
         if m.role not in ROLES:
             raise invalid(f"{where}.role", f"{_show(m.role)} is not a role; use one of {', '.join(ROLES)}")
-        if not m.content:
-            raise invalid(f"{where}.content", "is empty; every message needs text")
-        total += len(m.content)
+        if not m.content and not (m.role == "assistant" and m.tool_calls):
+            raise invalid(f"{where}.content", "is empty; every message needs text (an assistant's, or tool_calls)")
+        if m.tool_calls and m.role != "assistant":
+            raise invalid(f"{where}.tool_calls", f"only an assistant turn carries tool calls, not a {m.role!r} one")
+        total += len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
     _check_text_size(field, total, limits)
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+    return [_turn(m) for m in chat.messages]
+
+
+def _turn(m: pb.ChatMessage) -> dict:
+    """A message as chat templates take it (OpenAI's shape for calls and tool results)."""
+    turn: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                              for c in m.tool_calls]
+    if m.tool_call_id:
+        turn["tool_call_id"] = m.tool_call_id
+    return turn
 
 
 def check_text(text: str, field: str, limits: Limits) -> None:
@@ -224,25 +243,21 @@ def check_generate(req: pb.GenerateRequest, limits: Limits) -> Generation:
         max_tokens=req.max_tokens if req.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
         stop_token_ids=frozenset(req.stop_token_ids), ignore_eos=req.ignore_eos,
         logprobs=req.top_logprobs if req.logprobs else None)
-    return Generation(which, params, req.HasField("max_tokens"), tuple(req.stop), req.echo_prompt_ids)
+    try:
+        constraint, tools, constraint_field = check_output(req)
+    except FieldError as e:
+        raise invalid(e.field, e.problem) from None
+    return Generation(which, params, req.HasField("max_tokens"), tuple(req.stop), req.echo_prompt_ids,
+                      constraint, constraint_field, tools)
 
 
 def check_prompt_length(gen: Generation, prompt_len: int, limits: Limits) -> SamplingParams:
     """The request's parameters with max_tokens settled: an explicit one must fit the context with
     the prompt; an unset one is the default, cut to what the context has left."""
-    ctx = limits.context_length
     if prompt_len == 0:
         raise invalid(gen.prompt_field, "produces no tokens; send some text")
-    if prompt_len >= ctx:
-        raise out_of_range(gen.prompt_field, f"is {prompt_len:,} tokens; the context window is {ctx:,}, and at least "
-                                             "one token must be left to generate")
-    params = gen.params
-    if not gen.max_tokens_set:
-        return replace(params, max_tokens=min(params.max_tokens, ctx - prompt_len))
-    if prompt_len + params.max_tokens > ctx:
-        raise out_of_range("max_tokens", f"{params.max_tokens:,} + the prompt's {prompt_len:,} tokens exceed the "
-                                         f"context window of {ctx:,}; use at most {ctx - prompt_len:,}")
-    return params
+    ctx = limits.context_length
+    return _fit(gen, prompt_len, gen.params, ctx, f"the context window of {ctx:,}")
 
 
 def check_kv_fit(gen: Generation, prompt_len: int, params: SamplingParams, kv_tokens: int | None) -> SamplingParams:
@@ -251,16 +266,19 @@ def check_kv_fit(gen: Generation, prompt_len: int, params: SamplingParams, kv_to
     context window may not fit there."""
     if kv_tokens is None:
         return params
-    where = (f"a replica's KV cache holds {kv_tokens:,} tokens of one sequence (kv_cache.memory_per_shard, "
-             "block_size and the pipeline's lanes set it)")
-    if prompt_len >= kv_tokens:
-        raise out_of_range(gen.prompt_field, f"is {prompt_len:,} tokens; {where}, and at least one token must be "
-                                             "left to generate")
+    return _fit(gen, prompt_len, params, kv_tokens, f"the {kv_tokens:,} tokens of one sequence a replica's KV cache "
+                                                    "holds (kv_cache.memory_per_shard, block_size and the pipeline's "
+                                                    "lanes set it)")
+
+
+def _fit(gen: Generation, prompt_len: int, params: SamplingParams, limit: int, what: str) -> SamplingParams:
+    if prompt_len >= limit:
+        raise out_of_range(gen.prompt_field, f"is {prompt_len:,} tokens; {what} leaves no token to generate")
     if not gen.max_tokens_set:
-        return replace(params, max_tokens=min(params.max_tokens, kv_tokens - prompt_len))
-    if prompt_len + params.max_tokens > kv_tokens:
-        raise out_of_range("max_tokens", f"{params.max_tokens:,} + the prompt's {prompt_len:,} tokens exceed what "
-                                         f"{where}; use at most {kv_tokens - prompt_len:,}")
+        return replace(params, max_tokens=min(params.max_tokens, limit - prompt_len))
+    if prompt_len + params.max_tokens > limit:
+        raise out_of_range("max_tokens", f"{params.max_tokens:,} + the prompt's {prompt_len:,} tokens exceed {what}; "
+                                         f"use at most {limit - prompt_len:,}")
     return params
 
 

@@ -161,7 +161,7 @@ def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_out_of_range(smo
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(long, timeout=10))
         assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE, e.value.details()
-        assert e.value.details().startswith("token_ids: is 200 tokens; a replica's KV cache holds 128 tokens")
+        assert e.value.details().startswith("token_ids: is 200 tokens; the 128 tokens of one sequence a replica's KV")
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[42] * 100), max_tokens=64),
                                       timeout=10))
