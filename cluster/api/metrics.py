@@ -5,8 +5,11 @@ Latency buckets span a CPU demo (seconds per token) to an H100 node (millisecond
 
 Per replica, the prefix cache: hit ratios since the replica started (gauges, for a glance),
 counters of prompt tokens, hit tokens, requests, hit requests and evictions (for `rate()`: the
-hit rate over a window is rate(hit) / rate(prompt)), and the cached blocks. The counters grow by
-what each replica report adds; a replica that restarts counts again from its new totals.
+hit rate over a window is rate(hit) / rate(prompt)), and the cached blocks. Speculative decoding
+likewise: counters of verify steps and of draft tokens proposed, accepted and emitted, and gauges of
+the acceptance rate and the mean accepted length (tokens per verify step) since the replica started.
+The counters grow by what each replica report adds; a replica that restarts counts again from its
+new totals.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ _PREFIX_COUNTERS = (  # EngineStats field, metric name (Prometheus adds _total),
     ("prefix_requests", "requests", "Requests a replica admitted"),
     ("prefix_hit_requests", "hit_requests", "Requests that found part of their prompt in a replica's prefix cache"),
     ("prefix_evictions", "evictions", "Cached KV blocks a replica evicted for new KV"),
+)
+_SPEC_COUNTERS = (
+    ("spec_steps", "steps", "Speculative verify steps of a sequence (one draft verified in one step)"),
+    ("spec_proposed", "proposed_tokens", "Draft tokens a replica proposed"),
+    ("spec_accepted", "accepted_tokens", "Draft tokens a replica's verification accepted"),
+    ("spec_emitted", "emitted_tokens", "Tokens the verify steps produced (accepted drafts and one more each)"),
 )
 
 
@@ -69,6 +78,12 @@ class RouterMetrics:
                                               "started", ["replica"], registry=r)
         self.prefix_counters = {field: Counter(f"caravan_prefix_cache_{name}", text, ["replica"], registry=r)
                                 for field, name, text in _PREFIX_COUNTERS}
+        self.prefix_counters |= {field: Counter(f"caravan_speculative_{name}", text, ["replica"], registry=r)
+                                 for field, name, text in _SPEC_COUNTERS}
+        self.spec_acceptance = Gauge("caravan_speculative_acceptance_ratio", "Draft tokens accepted per draft token "
+                                     "proposed, since the replica started", ["replica"], registry=r)
+        self.spec_length = Gauge("caravan_speculative_mean_accepted_length", "Tokens per speculative verify step, "
+                                 "since the replica started", ["replica"], registry=r)
         self._prefix_seen: dict[str, EngineStats] = {}
         self._generated = 0
         self._rate_mark = (time.monotonic(), 0)
@@ -88,7 +103,8 @@ class RouterMetrics:
         dashboards do not show a dead replica's last numbers forever."""
         for name in self._replicas - stats.keys():
             for metric in (self.running, self.waiting, self.kv_usage, self.replica_serving, self.prefix_blocks,
-                           self.prefix_token_hit_ratio, self.prefix_request_hit_ratio, *self.prefix_counters.values()):
+                           self.prefix_token_hit_ratio, self.prefix_request_hit_ratio, self.spec_acceptance,
+                           self.spec_length, *self.prefix_counters.values()):
                 metric.remove(name)
             self._prefix_seen.pop(name, None)
         self._replicas = set(stats)
@@ -110,6 +126,8 @@ class RouterMetrics:
                                                      if s.prefix_prompt_tokens else 0)
         self.prefix_request_hit_ratio.labels(name).set(s.prefix_hit_requests / s.prefix_requests
                                                        if s.prefix_requests else 0)
+        self.spec_acceptance.labels(name).set(s.spec_accepted / s.spec_proposed if s.spec_proposed else 0)
+        self.spec_length.labels(name).set(s.spec_emitted / s.spec_steps if s.spec_steps else 0)
         seen = self._prefix_seen.get(name)
         for field, counter in self.prefix_counters.items():
             now, before = getattr(s, field), getattr(seen, field, 0)

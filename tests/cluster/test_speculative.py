@@ -144,6 +144,90 @@ def test_aborted_speculating_requests_free_their_blocks(worker):
     assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0
 
 
+def test_a_resumed_request_continues_its_seeded_stream(worker):
+    """After a replica failure the request comes back as prompt + the tokens already streamed, with
+    `output_offset`: the rest is what the uninterrupted request produced, speculation on or off."""
+    prompt = prompts(1, seed=7)[0]
+    params = SamplingParams(temperature=0.7, seed=11, max_tokens=20, ignore_eos=True)
+    whole = asyncio.run(serve(worker, [(prompt, params)], SPEC))[0][0]
+    done = [t for t, _, _ in whole[:9]]
+
+    async def resumed():
+        engine = Engine(LocalExecutor(worker), worker.cfg, frozenset(), num_blocks=64, block_size=4, max_num_seqs=4,
+                        max_tokens_per_step=64, speculative=SPEC)
+        rest = dataclasses.replace(params, max_tokens=params.max_tokens - len(done))
+        out = [u.sample.token_id async for u in engine.generate(prompt + done, rest, output_offset=len(done))]
+        await engine.close()
+        return out
+
+    assert done + asyncio.run(resumed()) == [t for t, _, _ in whole]
+
+
+def copying_chats(model_dir) -> list[list[int]]:
+    from cluster.api.tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(model_dir)
+    texts = ["Repeat exactly: the caravan left the river town before sunrise, while the streets were still wet.",
+             "Correct the spelling and write the text out in full: Forty camels carreid salt, copper pots and "
+             "bolts of dyed cloth, and the drviers walked beside them.",
+             "Quote the sentence about water: At dusk they reached a well. The water was cold and clear."]
+    return [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+
+
+def test_smollm2_greedy_is_the_same_with_speculation(smollm2_dir):
+    worker = ShardWorker(smollm2_dir, ParallelContext(Layout()), num_blocks=64, block_size=16, progress=False)
+    reqs = [(p, SamplingParams(temperature=0, max_tokens=24)) for p in copying_chats(smollm2_dir)]
+    reqs.append((reqs[0][0], SamplingParams(temperature=0.8, seed=3, max_tokens=24)))
+
+    async def go(spec):
+        engine = Engine(LocalExecutor(worker), worker.cfg, frozenset({2}), num_blocks=64, block_size=16,
+                        max_num_seqs=8, max_tokens_per_step=256, speculative=spec)
+        out = await asyncio.gather(*(_tokens(engine, p, params) for p, params in reqs))
+        engine.sched.check_blocks()
+        stats = engine.stats()
+        await engine.close()
+        return out, stats
+
+    off, _ = asyncio.run(go(None))
+    on, stats = asyncio.run(go(SPEC))
+    assert on == off
+    assert stats.free_blocks == stats.num_blocks
+    assert stats.spec_emitted / stats.spec_steps > 2  # copying answers accept most drafts
+
+
+async def _tokens(engine, prompt, params):
+    return [u.sample.token_id async for u in engine.generate(prompt, params)]
+
+
+def _serve_replica(model_dir, layout, reqs, spec, eos):
+    from cluster.runtime.processes import LocalReplica
+    blocks = 24 * layout.pp
+
+    async def go(replica, speculative):
+        engine = Engine(LocalExecutor(replica), replica.worker.cfg, eos, num_blocks=blocks, block_size=16,
+                        lanes=layout.pp, max_num_seqs=8, max_tokens_per_step=128, speculative=speculative)
+        out = await asyncio.gather(*(_tokens(engine, p, params) for p, params in reqs))
+        engine.sched.check_blocks()
+        stats = engine.stats()
+        await engine.close()
+        return out, stats
+
+    with LocalReplica(model_dir, layout, num_blocks=blocks, block_size=16, progress=False) as replica:
+        off, _ = asyncio.run(go(replica, None))
+        on, stats = asyncio.run(go(replica, spec))
+        return off, on, stats
+
+
+@pytest.mark.slow
+def test_smollm2_pp2_and_synthetic_tp2_pp2_give_the_same_tokens_with_speculation(smollm2_dir, model_dir):
+    """Every PP lane verifies drafts; a TP group samples every position of a chunk alike."""
+    chats = [(p, SamplingParams(temperature=0, max_tokens=20)) for p in copying_chats(smollm2_dir)]
+    off, on, stats = _serve_replica(smollm2_dir, Layout(1, 2), chats, SPEC, frozenset({2}))
+    assert on == off and stats.free_blocks == stats.num_blocks and stats.spec_accepted > 0
+    reqs = [(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)) for p in prompts(4)]
+    off, on, stats = _serve_replica(model_dir, Layout(2, 2), reqs, SPEC, frozenset())
+    assert on == off and stats.free_blocks == stats.num_blocks and stats.spec_steps > 0
+
+
 # ---- the sampled case: the target's distribution, on a small synthetic vocabulary ----
 
 VOCAB = 5
@@ -199,3 +283,24 @@ def test_sampled_tokens_follow_the_target_distribution():
     # whose 99.9th percentile is 103.4.
     assert cells == 64 and chi2 < 103.4, chi2
     assert spec.stats.accepted > 0 and spec.stats.proposed > spec.stats.accepted
+
+
+def test_prometheus_shows_each_replicas_speculation():
+    from cluster.api.metrics import RouterMetrics
+    from cluster.engine.engine import EngineStats
+
+    def stats(steps, proposed, accepted):
+        return EngineStats(num_blocks=64, free_blocks=64, running=0, waiting=0, steps=9, preemptions=0, failed=None,
+                           queued_tokens=0, spec_steps=steps, spec_proposed=proposed, spec_accepted=accepted,
+                           spec_emitted=steps + accepted)
+
+    m = RouterMetrics()
+    value = m.registry.get_sample_value
+    m.observe_replicas({"r0": (True, stats(10, 40, 20))})
+    m.observe_replicas({"r0": (True, stats(20, 80, 60))})
+    assert value("caravan_speculative_accepted_tokens_total", {"replica": "r0"}) == 60
+    assert value("caravan_speculative_proposed_tokens_total", {"replica": "r0"}) == 80
+    assert value("caravan_speculative_acceptance_ratio", {"replica": "r0"}) == 0.75
+    assert value("caravan_speculative_mean_accepted_length", {"replica": "r0"}) == 4.0
+    m.observe_replicas({})
+    assert value("caravan_speculative_acceptance_ratio", {"replica": "r0"}) is None

@@ -1,0 +1,143 @@
+"""Speculative decoding (n-gram prompt lookup) against plain decoding, in one run, on SmolLM2-135M.
+
+An input-grounded workload: chat requests whose answers copy from their prompt (repeat a passage,
+correct its typos, quote the sentences about something, turn it into a list), greedy, up to
+`--max-tokens` new tokens each, EOS honoured. Both modes run the same requests through the same
+engine over one in-process shard (TP 1 x PP 1), and the outputs must be the same token for token.
+
+1. Batch 1: the requests one after another. Prints tokens/s of each mode, their ratio, and the
+   acceptance rate and mean accepted length of the speculative run.
+2. `--concurrent` requests at once (default 32), the same prompts repeated: tokens/s and the ratio.
+
+    python bench/speculative.py                   # both; --rounds 3 alternates the modes 3 times
+    python bench/speculative.py --smoke           # a few short requests, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import TEXT  # noqa: E402
+
+from cluster.api.tokenizer import Tokenizer  # noqa: E402
+from cluster.config import SpeculativeSection  # noqa: E402
+from cluster.engine.engine import Engine  # noqa: E402
+from cluster.engine.executor import LocalExecutor  # noqa: E402
+from shard.demo import ensure_demo_model  # noqa: E402
+from shard.layout import Layout  # noqa: E402
+from shard.parallel import ParallelContext  # noqa: E402
+from shard.sampler import SamplingParams  # noqa: E402
+from shard.worker import ShardWorker  # noqa: E402
+
+BLOCK = 16
+SENTENCES = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
+
+
+def typos(text: str) -> str:
+    """Every seventh word with two letters swapped."""
+    words = text.split()
+    return " ".join(w[:1] + w[2:3] + w[1:2] + w[3:] if i % 7 == 3 and len(w) > 3 else w for i, w in enumerate(words))
+
+
+def tasks() -> list[str]:
+    out = []
+    for i in range(0, len(SENTENCES) - 2, 3):
+        passage = " ".join(SENTENCES[i:i + 3])
+        out += [f"Repeat this text exactly, word for word:\n\n{passage}",
+                f"Correct the spelling mistakes in this text and write it out in full:\n\n{typos(passage)}",
+                f"Here is a text:\n\n{passage}\n\nQuote its first two sentences."]
+    out.append(f"Turn this text into a bulleted list, one sentence per bullet:\n\n{' '.join(SENTENCES[:4])}")
+    return out
+
+
+def engine_for(worker: ShardWorker, eos: frozenset[int], blocks: int, spec: SpeculativeSection | None) -> Engine:
+    return Engine(LocalExecutor(worker), worker.cfg, eos, num_blocks=blocks, block_size=BLOCK, max_num_seqs=32,
+                  max_tokens_per_step=512, speculative=spec)
+
+
+async def run(engine: Engine, prompts: list[list[int]], params: SamplingParams, concurrent: bool):
+    async def one(p):
+        return [u.sample.token_id async for u in engine.generate(p, params)]
+
+    start = time.perf_counter()
+    if concurrent:
+        outs = await asyncio.gather(*(one(p) for p in prompts))
+    else:
+        outs = [await one(p) for p in prompts]
+    return outs, time.perf_counter() - start
+
+
+def measure(worker, eos, blocks, prompts, params, spec, concurrent):
+    async def go():
+        engine = engine_for(worker, eos, blocks, spec)
+        await run(engine, [prompts[0][:8]], dataclasses.replace(params, max_tokens=4), False)  # warm-up
+        outs, seconds = await run(engine, prompts, params, concurrent)
+        stats = engine.stats()
+        await engine.close()
+        return outs, seconds, stats
+    return asyncio.run(go())
+
+
+def compare(name, worker, eos, blocks, prompts, params, spec, concurrent, rounds) -> float:
+    ratios = []
+    for r in range(rounds):
+        plain, t_plain, _ = measure(worker, eos, blocks, prompts, params, None, concurrent)
+        fast, t_fast, s = measure(worker, eos, blocks, prompts, params, spec, concurrent)
+        if fast != plain:
+            bad = next(i for i, (a, b) in enumerate(zip(plain, fast)) if a != b)
+            raise SystemExit(f"{name}: request {bad} differs with speculation: {plain[bad]} vs {fast[bad]}")
+        tokens = sum(map(len, plain))
+        ratios.append(t_plain / t_fast)
+        rate = s.spec_accepted / s.spec_proposed if s.spec_proposed else 0.0
+        mean_len = s.spec_emitted / s.spec_steps if s.spec_steps else 0.0
+        print(f"{name} round {r + 1}: {tokens} tokens, plain {tokens / t_plain:7.1f} tok/s, speculative "
+              f"{tokens / t_fast:7.1f} tok/s, ratio {ratios[-1]:.2f}x; acceptance {rate:.2f} "
+              f"({s.spec_accepted}/{s.spec_proposed}), mean accepted length {mean_len:.2f} over {s.spec_steps} "
+              f"verify steps", flush=True)
+    median = statistics.median(ratios)
+    print(f"{name}: median ratio {median:.2f}x (same outputs token for token)", flush=True)
+    return median
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrent", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-tokens", type=int, default=SpeculativeSection.num_tokens)
+    ap.add_argument("--max-batch", type=int, default=SpeculativeSection.max_batch)
+    ap.add_argument("--only", choices=("batch1", "concurrent"))
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_demo_model()
+    tok = Tokenizer.from_pretrained(model_dir)
+    texts = tasks()[:2] if args.smoke else tasks()
+    max_tokens = 8 if args.smoke else args.max_tokens
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    spec = SpeculativeSection(method="ngram", num_tokens=args.num_tokens, max_batch=args.max_batch)
+    many = [prompts[i % len(prompts)] for i in range(2 if args.smoke else args.concurrent)]
+    blocks = sum(-(-(len(p) + max_tokens + args.num_tokens) // BLOCK) for p in many) + 8
+    worker = ShardWorker(model_dir, ParallelContext(Layout()), num_blocks=blocks, block_size=BLOCK, progress=False)
+    print(f"SmolLM2-135M fp32, {args.threads} threads, {len(prompts)} input-grounded chat requests "
+          f"(prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens), greedy, max_tokens {max_tokens}; "
+          f"speculative: {spec}", flush=True)
+    if args.only != "concurrent":
+        compare("batch 1", worker, tok.eos_token_ids, blocks, prompts, params, spec, False, args.rounds)
+    if args.only != "batch1":
+        compare(f"{len(many)} concurrent", worker, tok.eos_token_ids, blocks, many, params, spec, True, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
