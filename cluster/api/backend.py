@@ -12,6 +12,7 @@ import time
 from typing import AsyncIterator, Protocol
 
 from cluster.engine.engine import Engine, probe
+from cluster.engine.grammar import Constraint
 from cluster.engine.scheduler import TokenUpdate
 from cluster.runtime.placement import PlacementError
 from cluster.runtime.report import ReplicaInfo
@@ -21,7 +22,8 @@ from shard.sampler import SamplingParams
 class Backend(Protocol):
     """The replicas, as the router sees them."""
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]: ...
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 constraint: Constraint | None = None) -> AsyncIterator[TokenUpdate]: ...
 
     async def infos(self) -> list[ReplicaInfo]: ...  # one per live replica
 
@@ -41,8 +43,9 @@ class LocalBackend:
     def __init__(self, engine: Engine, *, probe_after_s: float = 1.0, name: str = "local"):
         self.engine, self.name, self.probe_after_s = engine, name, probe_after_s
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
-        return self.engine.generate(prompt_ids, params)
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 constraint: Constraint | None = None) -> AsyncIterator[TokenUpdate]:
+        return self.engine.generate(prompt_ids, params, constraint=constraint)
 
     async def infos(self) -> list[ReplicaInfo]:
         if self.engine.needs_probe(self.probe_after_s):

@@ -21,15 +21,18 @@ import grpc
 from caravan.v1 import inference_pb2 as pb
 from cluster.api.admission import Admission, Refused
 from cluster.api.backend import Backend
+from cluster.api.constraints import FieldError, check_tools, compile_check
+from cluster.api.tools import ToolSet, parse_calls, template_takes_tools, template_tools, tool_messages
 from cluster.api.metrics import RouterMetrics
 from cluster.api.textstream import TextStream
 from cluster.api.tokenizer import Tokenizer
 from cluster.api.validate import (Generation, Limits, check_chat, check_generate, check_kv_fit, check_prompt_length,
                                   check_text, check_token_ids, invalid)
 from cluster.config import ServeConfig
+from cluster.engine.grammar import Constraint, Grammars
 from shard.sampler import Sample, SamplingParams
 
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 @dataclass
@@ -46,8 +49,9 @@ class Chunk:
     with the next text); the last chunk has a finish reason and the usage."""
     text: str
     samples: list[Sample] = field(default_factory=list)
-    finish_reason: str | None = None     # "stop" (EOS, a stop id or a stop string) or "length"
+    finish_reason: str | None = None     # "stop" (EOS, a stop id or a stop string), "length" or "tool_calls"
     usage: Usage | None = None
+    tool_calls: list[dict] | None = None  # with "tool_calls": OpenAI-shaped calls (`cluster.api.openai.structured`)
 
 
 class Inference:
@@ -56,21 +60,27 @@ class Inference:
         self.config, self.tokenizer, self.limits, self.backend = config, tokenizer, limits, backend
         self.admission, self.metrics, self.model_name = admission, metrics, model_name
         self._ids = itertools.count(1)
+        # Compiles constraints to refuse bad ones before they are queued (each replica compiles its own).
+        self.grammars = Grammars(tokenizer.folder, limits.vocab_size, tokenizer.eos_token_ids)
 
     def request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, stop: tuple[str, ...], received: float,
-                     time_remaining: float | None = None, *, api: str = "grpc") -> AsyncIterator[Chunk]:
+                     time_remaining: float | None = None, *, api: str = "grpc",
+                     constraint: Constraint | None = None) -> AsyncIterator[Chunk]:
         """The request's text as its replica samples it. The caller holds an admission place; `api` names
-        the front door in the latency metrics."""
+        the front door in the latency metrics; `constraint`, what the output must match."""
         self.metrics.queue_depth.inc()
         first_sent: float | None = None
         try:
             await self.admission.wait_for_replica(time_remaining)
             self.metrics.prompt_tokens.inc(len(prompt_ids))
             text, samples, produced = TextStream(self.tokenizer, stop), [], 0
-            async with aclosing(self.backend.generate(prompt_ids, params)) as updates:
+            if constraint is not None:
+                self.metrics.constrained.labels(api).inc()
+            args = (prompt_ids, params) if constraint is None else (prompt_ids, params, constraint)
+            async with aclosing(self.backend.generate(*args)) as updates:
                 async for update in updates:
                     if time.monotonic() - received > self.config.router.max_request_s:
                         raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, (
@@ -110,22 +120,35 @@ class Inference:
     async def prepare(self, req: pb.GenerateRequest, gen: Generation) -> tuple[list[int], SamplingParams]:
         """A checked request's prompt ids (chat template applied) and its parameters, max_tokens settled
         against the prompt's length. Runs inside the request's admission: tokenizing is work."""
-        prompt_ids = await self.prompt_ids(req)
+        if gen.constraint is not None:
+            started = time.perf_counter()
+            try:
+                await compile_check(self.grammars, gen.constraint, gen.constraint_field, gen.tools)
+            except FieldError as e:
+                raise invalid(e.field, e.problem) from None
+            self.metrics.grammar_compile.observe(time.perf_counter() - started)
+        prompt_ids = await self.prompt_ids(req, gen.tools)
         params = check_prompt_length(gen, len(prompt_ids), self.limits)
         return prompt_ids, check_kv_fit(gen, len(prompt_ids), params, self.admission.health.sequence_kv_tokens())
 
-    async def prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+    async def prompt_ids(self, req: pb.GenerateRequest, tools: ToolSet | None = None) -> list[int]:
         which = req.WhichOneof("input")
         if which == "token_ids":
             return list(req.token_ids.ids)
         if which == "prompt":
             return await asyncio.to_thread(self.tokenizer.encode, req.prompt)
-        return await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat")
+        return await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat", tools)
 
-    async def chat_ids(self, messages: list[dict], field: str) -> list[int]:
-        """A checked conversation through the model's own chat template."""
+    async def chat_ids(self, messages: list[dict], field: str, tools: ToolSet | None = None) -> list[int]:
+        """A checked conversation through the model's own chat template: with its tools, calls and
+        results as the template takes them, or written in by `cluster.api.tools` where it does not."""
+        template = self.tokenizer.chat_template
+        if template_takes_tools(template):
+            args = (messages, template_tools(tools))
+        else:
+            args = (tool_messages(messages, tools, "<|start_header_id|>" in (template or "")), None)
         try:
-            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+            return await asyncio.to_thread(self.tokenizer.apply_chat_template, *args)
         except Exception as e:  # the template's own rules (alternating roles, a system turn first, ...)
             raise invalid(f"{field}.messages", f"the model's chat template refused them: {e}") from None
 
@@ -139,15 +162,19 @@ class Inference:
             first = pb.GenerateResponse(request_id=self.request_id(),
                                         prompt_token_ids=prompt_ids if gen.echo_prompt_ids else ())
             remaining = context.time_remaining() if context is not None else None
-            async for chunk in self.stream(prompt_ids, params, gen.stop, received, remaining):
+            text = []
+            async for chunk in self.stream(prompt_ids, params, gen.stop, received, remaining, constraint=gen.constraint):
                 response, first = (first if first is not None else pb.GenerateResponse()), None
                 response.text = chunk.text
                 response.token_ids[:] = [s.token_id for s in chunk.samples]
                 if params.logprobs is not None:
                     response.logprobs.extend(_logprob(s) for s in chunk.samples)
+                text.append(chunk.text)
                 if chunk.finish_reason is not None:
                     u = chunk.usage
-                    response.finish_reason = _FINISH[chunk.finish_reason]
+                    calls = parse_calls("".join(text), gen.tools) if gen.tools and gen.tools.parses else []
+                    response.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls)
+                    response.finish_reason = _FINISH["tool_calls" if calls else chunk.finish_reason]
                     response.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens,
                                                      completion_tokens=u.completion_tokens,
                                                      time_to_first_token_s=u.time_to_first_token_s,
@@ -166,7 +193,11 @@ class Inference:
                 check_text(req.text, "text", self.limits)
                 ids = await asyncio.to_thread(self.tokenizer.encode, req.text)
             else:
-                ids = await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat")
+                try:
+                    tools = check_tools(req.chat)
+                except FieldError as e:
+                    raise invalid(e.field, e.problem) from None
+                ids = await self.chat_ids(check_chat(req.chat, self.limits, "chat"), "chat", tools)
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, req: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:

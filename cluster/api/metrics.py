@@ -56,6 +56,10 @@ class RouterMetrics:
                                        "How long admitted requests waited for a serving replica (while none served)",
                                        buckets=_TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("caravan_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.constrained = Counter("caravan_constrained_requests", "Requests whose output a grammar constrains "
+                                   "(response_format, or a forced tool call), by front door", ["api"], registry=r)
+        self.grammar_compile = Histogram("caravan_grammar_compile_seconds", "Compiling a request's constraint at "
+                                         "the router (a cached one costs a lookup)", buckets=_TPOT_BUCKETS, registry=r)
         self.generated_tokens = Counter("caravan_generated_tokens", "Tokens streamed to clients", registry=r)
         self.tokens_per_second = Gauge("caravan_generated_tokens_per_second",
                                        "Tokens streamed per second over the last health period", registry=r)

@@ -48,6 +48,14 @@ class Tokenizer:
         return self._hf.bos_token_id
 
     @property
+    def folder(self) -> Path:
+        return self._folder
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._hf.chat_template
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(self._hf.chat_template)
 
@@ -64,8 +72,10 @@ class Tokenizer:
         # BPE output and would make streamed text differ from the whole decode.
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The prompt ids for a conversation; the template itself adds any BOS, so encode() is not used."""
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids for a conversation (with `tools`, for a template that takes them); the
+        template itself adds any BOS, so encode() is not used."""
         if not self._hf.chat_template:
             raise TokenizerError(
                 f"The tokenizer in {self._folder} has no chat template (neither chat_template.jinja nor a "
@@ -73,7 +83,7 @@ class Tokenizer:
             )
         return list(
             self._hf.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
             )
         )
 

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from cluster.config import ServeConfig
 from cluster.deploy.controller import scale, target_replicas
 from cluster.deploy.replica_client import ReplicaClient
+from cluster.engine.grammar import Constraint
 from cluster.engine.scheduler import TokenUpdate
 from cluster.runtime.placement import cluster_nodes, free_nodes, shard_resource, shortfall
 from cluster.runtime.report import ReplicaInfo
@@ -22,8 +23,9 @@ class ServeBackend:
         self.config, self.model_dir = config, model_dir
         self.client = ReplicaClient(config.name, handle=handle, wait_s=config.router.wait_for_replica_s)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
-        return self.client.generate(prompt_ids, params)
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 constraint: Constraint | None = None) -> AsyncIterator[TokenUpdate]:
+        return self.client.generate(prompt_ids, params, constraint)
 
     async def infos(self) -> list[ReplicaInfo]:
         return await self.client.infos()

@@ -20,6 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from cluster.deploy.names import DEPLOYMENT
 from cluster.deploy.registry import registry
 from cluster.engine.engine import ReplicaFailed, ReplicaUnavailable
+from cluster.engine.grammar import Constraint
 from cluster.engine.scheduler import TokenUpdate
 from cluster.runtime.report import ReplicaInfo
 from cluster.runtime.shard_actor import last_line
@@ -39,19 +40,21 @@ class ReplicaClient:
         self.registry = registry(app_name)
         self.wait_s, self.backoff_s = wait_s, backoff_s
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenUpdate]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       constraint: Constraint | None = None) -> AsyncIterator[TokenUpdate]:
         """A request's tokens. One whose replica fails (a shard died or hung, or the replica is out
         of service while it repairs itself) goes to a replica again, with a growing pause, for up
         to `wait_s` (`router.wait_for_replica_s`) in all. One that had streamed tokens resumes: the
         prompt goes again with the tokens already streamed appended and the rest of its max_tokens,
         and seeded sampling goes on at the same output index: the caller sees one unbroken stream,
-        the same tokens as without the failure. Leaving early (closing this iterator, or
+        the same tokens as without the failure (a constrained one's replica rebuilds its grammar state
+        from those tokens). Leaving early (closing this iterator, or
         cancelling its task) cancels the request on its replica, which aborts the sequence and frees
         its KV blocks."""
         start, streamed = time.monotonic(), []
         for attempt in itertools.count(1):
             ids, rest = prompt_ids + streamed, replace(params, max_tokens=params.max_tokens - len(streamed))
-            stream = self.handle.options(stream=True).generate.remote(ids, rest, len(streamed))
+            stream = self.handle.options(stream=True).generate.remote(ids, rest, len(streamed), constraint)
             try:
                 async for update in stream:
                     streamed.append(update.sample.token_id)

@@ -34,6 +34,7 @@ from cluster.deploy.names import DEPLOYMENT
 from cluster.deploy.registry import registry
 from cluster.deploy.request_router import PREFIX_SUMMARY_BLOCKS, ROUTING_STATS_PERIOD_S, CapacityRouter, routing_stats
 from cluster.engine.engine import ReplicaFailed, probe
+from cluster.engine.grammar import Constraint
 from cluster.engine.scheduler import TokenUpdate
 from cluster.runtime.placement import ENGINE_BUNDLE, cluster_nodes, replica_bundles, shard_resource
 from cluster.runtime.repair import repair
@@ -67,15 +68,15 @@ class ReplicaServer:
         self.registry = registry(config.name)
         self.registry.report.remote(self._info())
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       output_offset: int = 0) -> AsyncIterator[TokenUpdate]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, output_offset: int = 0,
+                       constraint: Constraint | None = None) -> AsyncIterator[TokenUpdate]:
         repair = self._repair_task
         if repair is not None and not repair.done():
             # Routed here while the shards are being repaired (the only replica, or a stale report): wait
             # for the repair rather than fail at once, so that the request starts as soon as it is done.
             await asyncio.wait({repair}, timeout=min(self.config.timeouts.repair_s,
                                                      self.config.router.wait_for_replica_s))
-        async for update in self.engine.generate(prompt_ids, params, output_offset):
+        async for update in self.engine.generate(prompt_ids, params, output_offset, constraint):
             yield update
 
     def _start_repair(self, reason: str) -> None:

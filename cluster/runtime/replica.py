@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
 from cluster.engine.engine import Engine
+from cluster.engine.grammar import Grammars
 from cluster.engine.request import checkpoint_eos_ids
 from cluster.runtime.kv_budget import kv_blocks
 from cluster.runtime.placement import ShardPlace, format_places, places_of
@@ -141,7 +142,8 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
                             max_num_seqs=cfg.scheduler.max_num_seqs,
                             max_tokens_per_step=cfg.scheduler.max_tokens_per_step,
                             step_timeout_s=cfg.timeouts.step_s, name=name,
-                            prefix_caching=cfg.kv_cache.prefix_caching, speculative=cfg.speculative)
+                            prefix_caching=cfg.kv_cache.prefix_caching, speculative=cfg.speculative,
+                            grammars=Grammars(model_dir, model.vocab_size, checkpoint_eos_ids(model_dir)))
     return replica
 
 

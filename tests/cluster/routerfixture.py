@@ -22,6 +22,7 @@ from cluster.cli.serve import serve_subprocess
 from cluster.config import ServeConfig
 from cluster.engine.engine import Engine
 from cluster.engine.executor import LocalExecutor
+from cluster.engine.grammar import Grammars
 from cluster.engine.request import checkpoint_eos_ids
 from cluster.runtime.ports import free_port
 
@@ -60,7 +61,8 @@ def local_router(model_dir: Path, worker, tmp_path: Path, num_blocks: int, block
 
     async def make():
         engine = Engine(LocalExecutor(worker), worker.cfg, checkpoint_eos_ids(model_dir), num_blocks=num_blocks,
-                        block_size=block_size, max_num_seqs=128, max_tokens_per_step=512, step_timeout_s=10)
+                        block_size=block_size, max_num_seqs=128, max_tokens_per_step=512, step_timeout_s=10,
+                        grammars=Grammars(model_dir, worker.cfg.vocab_size, checkpoint_eos_ids(model_dir)))
         r = build_router(config, str(model_dir), LocalBackend(engine, probe_after_s=0.25),
                          default_token_file=tmp_path / "auth_token")
         await r.start()

@@ -179,8 +179,9 @@ def test_request_errors_in_openai_shape(served):
         return body["error"]
 
     chat = sdk.chat.completions.create
-    error(400, lambda: chat(model=MODEL, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}]),
-          "tools", contains="not supported")
+    error(400, lambda: chat(model=MODEL, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}],
+                            tool_choice={"type": "function", "function": {"name": "g"}}),
+          "tool_choice.function.name", contains="not one of the tools")
     error(400, lambda: chat(model=MODEL, messages=QUESTION, presence_penalty=0.5), "presence_penalty")
     error(400, lambda: chat(model=MODEL, messages=[{"role": "bot", "content": "hi"}]), "messages[0].role",
           contains="'bot' is not a role")

@@ -31,6 +31,7 @@ from cluster.api.openai.errors import APIError, api_error, bad_field, unauthoriz
 from cluster.api.openai.requests import Parsed, Prompt, parse
 from cluster.api.openai.responses import DONE, Answer, Shapes, event, usage
 from cluster.api.openai.streams import ClientGone, EventStream, merge, unless_disconnected
+from cluster.api.openai.structured import with_tool_calls
 from cluster.api.validate import Generation, InvalidRequest, check_generate
 from shard.sampler import SamplingParams
 
@@ -130,7 +131,8 @@ class OpenAIApp:
         for ids, params, gen in run.prompts:
             for j in range(run.parsed.n):
                 p = params if params.seed is None or j == 0 else replace(params, seed=(params.seed + j) % 2**63)
-                streams.append(self.inference.stream(ids, p, gen.stop, run.received, api="http"))
+                streams.append(with_tool_calls(self.inference.stream(ids, p, gen.stop, run.received, api="http",
+                                                                     constraint=gen.constraint), gen.tools))
         return streams
 
     async def _whole(self, run: Run, shapes: Shapes, events: AsyncIterator[tuple[int, Chunk]]) -> dict:
@@ -142,6 +144,7 @@ class OpenAIApp:
             a.samples.extend(chunk.samples)
             if chunk.finish_reason is not None:
                 a.finish_reason, completion = chunk.finish_reason, completion + chunk.usage.completion_tokens
+                a.tool_calls = chunk.tool_calls
         return shapes.whole(answers, usage(sum(len(ids) for ids, _, _ in run.prompts), completion))
 
     async def _sse(self, run: Run, shapes: Shapes, first: tuple[int, Chunk], events: AsyncIterator[tuple[int, Chunk]],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caravan.v1 import inference_pb2 as pb
+from cluster.api.openai import structured
 from cluster.api.openai.errors import bad_field
 
 # Choices of one request (prompts x n): each is a sequence in flight, so they are bounded like a batch.
@@ -23,11 +24,12 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _COMMON = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "user",
            "frequency_penalty", "presence_penalty", "logit_bias",
            "top_k", "ignore_eos", "stop_token_ids")  # the last three as vLLM and TGI name them
-_FIELDS = {"chat": frozenset(_COMMON + ("messages", "max_completion_tokens", "logprobs", "top_logprobs")),
+_FIELDS = {"chat": frozenset(_COMMON + ("messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                                       "response_format", "tools", "tool_choice", "parallel_tool_calls")),
            "completions": frozenset(_COMMON + ("prompt", "logprobs", "echo", "best_of", "suffix"))}
 # Accepted only at the value that means "off": anything else would be silently ignored.
 _NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "echo": (False,),
-            "best_of": (1,), "suffix": ("",)}
+            "best_of": (1,), "suffix": ("",), "parallel_tool_calls": (True,)}
 _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
 
 
@@ -59,6 +61,8 @@ class Parsed:
         if head in ("input", "prompt", "token_ids"):
             index = rest[rest.index("["):] if "[" in rest else ""
             return prompt.field + index
+        if (named := structured.rename(field)) is not None:
+            return named
         if head == "chat":
             return "messages" + rest[len("messages"):]
         if field == "max_tokens":
@@ -102,6 +106,7 @@ def parse(body: Any, kind: str) -> Parsed:
     if kind == "chat":
         template.logprobs = _get(body, "logprobs", bool, False)
         _set(template, "top_logprobs", _get(body, "top_logprobs", int), "top_logprobs")
+        structured.set_response_format(template, body)
         prompts = [Prompt(_chat(template, body), "messages")]
     else:
         logprobs = _get(body, "logprobs", int)
@@ -184,9 +189,12 @@ def _chat(template: pb.GenerateRequest, body: dict) -> pb.GenerateRequest:
         if not isinstance(m, dict):
             raise bad_field(where, "must be an object with role and content")
         for key, value in m.items():
-            if key not in ("role", "content") and value is not None:
-                raise bad_field(f"{where}.{key}", "is not supported by this server; send role and content only")
-        chat.messages.add(role=_get(m, "role", str, "", where + "."), content=_content(m.get("content"), where))
+            if key not in ("role", "content", "tool_calls", "tool_call_id", "name") and value is not None:
+                raise bad_field(f"{where}.{key}", "is not supported by this server; send role, content, "
+                                                  "tool_calls or tool_call_id")
+        _get(m, "role", str, "", where + ".")
+        structured.add_message(chat, m, where, _content(m.get("content"), where))
+    structured.set_tools(chat, body)
     return request
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cluster.api.inference import Chunk
 from cluster.api.openai.requests import Parsed
+from cluster.api.openai.structured import message
 from cluster.api.tokenizer import Tokenizer
 from shard.sampler import Sample
 
@@ -23,6 +24,7 @@ class Answer:
     text: list[str] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class Shapes:
@@ -39,7 +41,7 @@ class Shapes:
         choices = []
         for i, a in enumerate(answers):
             text, logprobs = "".join(a.text), self._logprobs(a.samples) if self.parsed.logprobs else None
-            body = ({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+            body = {"message": message(text, a.tool_calls)} if self.chat else {"text": text}
             choices.append({"index": i, **body, "logprobs": logprobs, "finish_reason": a.finish_reason})
         return {**self.head, "choices": choices, "usage": usage}
 
@@ -47,7 +49,8 @@ class Shapes:
         """One SSE event for a streamed choice's chunk."""
         logprobs = self._logprobs(c.samples) if self.parsed.logprobs else None
         if self.chat:
-            delta = {"content": c.text}
+            delta = {"content": c.text} if not c.tool_calls else \
+                {"content": None, "tool_calls": [{"index": i, **call} for i, call in enumerate(c.tool_calls)]}
             if index not in self._started:
                 self._started.add(index)
                 delta = {"role": "assistant", **delta}
