@@ -69,10 +69,14 @@ def test_lint_strict(helm: Helm, example: str | None) -> None:
 @pytest.mark.parametrize("example", VALUE_SETS)
 def test_renders_the_objects(helm: Helm, example: str | None) -> None:
     kinds = sorted(d["kind"] for d in helm.render(example))
-    assert kinds == ["ConfigMap", "Pod", "Pod", "PodDisruptionBudget", "RayService", "Secret", "Secret", "Service"]
-    optional = helm.render(example, "--set", "networkPolicy.enabled=true",
-                           "--set", "metrics.serviceMonitor.enabled=true")
-    assert {d["kind"] for d in optional} - set(kinds) == {"NetworkPolicy", "ServiceMonitor"}
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Pod", "Pod", "PodDisruptionBudget", "RayService", "Secret",
+                     "Secret", "Secret", "Service"]
+    optional = helm.render(example, "--set", "metrics.serviceMonitor.enabled=true",
+                           "--set", "routerTLS.certManager.enabled=true",
+                           "--set", "routerTLS.certManager.issuerRef.name=ca")
+    assert {d["kind"] for d in optional} - set(kinds) == {"Certificate", "ServiceMonitor"}
+    off = helm.render(example, "--set", "networkPolicy.enabled=false")
+    assert "NetworkPolicy" not in {d["kind"] for d in off}
 
 
 @pytest.mark.parametrize("example", VALUE_SETS)
@@ -104,9 +108,8 @@ def test_crd_schema_catches_a_bad_rayservice() -> None:
 
 @pytest.mark.parametrize("example", VALUE_SETS)
 def test_core_objects_match_kubernetes_1_33(helm: Helm, example: str | None) -> None:
-    docs = helm.render(example, "--set", "networkPolicy.enabled=true",
-                       "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring")
-    core = [d for d in docs if d["kind"] not in ("RayService", "ServiceMonitor")]
+    docs = helm.render(example, "--set", "routerTLS.existingSecret=router-tls")
+    core = [d for d in docs if d["kind"] not in ("RayService", "ServiceMonitor", "Certificate")]
     # What KubeRay turns into Kubernetes objects: the gRPC Service and the head and worker pods.
     spec = one(docs, "RayService")["spec"]
     core.append({"apiVersion": "v1", "kind": "Service", **spec["serveService"]})
@@ -182,32 +185,30 @@ def test_probes_let_the_head_start_before_the_router(helm: Helm, example: str | 
     assert live["initialDelaySeconds"] + live["failureThreshold"] * live["periodSeconds"] >= setup_s
     worker = worker_group(docs)["template"]["spec"]["containers"][0]
     assert worker["readinessProbe"]["httpGet"] == {"path": "/api/healthz", "port": 52365}
+    # Liveness asks about the raylet alone: a GCS outage must not restart every worker.
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": 52365}
 
 
 @pytest.mark.parametrize("example", VALUE_SETS)
 def test_ray_token_auth_everywhere(helm: Helm, example: str | None) -> None:
+    """Ray's token as a file (RAY_AUTH_TOKEN_PATH, which Ray reads), in no container's environment."""
     docs = helm.render(example)
     secret = one(docs, "Secret", "-ray-auth")
     assert set(secret["data"]) == {"auth_token"}
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
-    ref = {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "auth_token"}}
-    containers = [head_container(docs), worker_group(docs)["template"]["spec"]["containers"][0],
-                  one(docs, "Pod", "-doctor")["spec"]["containers"][0]]
-    for container in containers:
-        assert env(container)["RAY_AUTH_MODE"] == "token" and env(container)["RAY_AUTH_TOKEN"] == ref
-
-
-def test_existing_secrets_are_used(helm: Helm) -> None:
-    docs = helm.render(None, "--set", "rayAuth.existingSecret=ray-token",
-                       "--set", "routerAuth.existingSecret=grpc-token",
-                       "--set", "routerAuth.secretKey=bearer")
-    assert not [d for d in docs if d["kind"] == "Secret"]
-    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
-    assert cluster["authOptions"]["secretName"] == "ray-token"
-    volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
-    assert volumes["router-auth"]["secret"] == {"secretName": "grpc-token",
-                                                "items": [{"key": "bearer", "path": "token"}]}
+    pods = [cluster["headGroupSpec"]["template"]["spec"], worker_group(docs)["template"]["spec"],
+            one(docs, "Pod", "-doctor")["spec"]]
+    for pod in pods:
+        (container,) = pod["containers"]
+        variables = env(container)
+        assert variables["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in variables
+        path = variables["RAY_AUTH_TOKEN_PATH"]
+        (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert mount["readOnly"] and volume["secret"]["secretName"] == secret["metadata"]["name"]
+        assert volume["secret"]["items"] == [{"key": "auth_token", "path": path.rsplit("/", 1)[1]}]
+        assert volume["secret"]["defaultMode"] == 0o440
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -295,27 +296,6 @@ def test_doctor_hook_runs_as_a_ray_job_on_the_head(helm: Helm) -> None:
         "ray", "job", "submit", "--address", f"http://{name}-head-svc:8265", "--",
         "caravan", "doctor", "/etc/caravan/config.yaml", "--address", "auto"]
     assert pod["spec"]["restartPolicy"] == "Never"
-
-
-def test_network_policy(helm: Helm) -> None:
-    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}
-    docs = helm.render(None, "--set", "networkPolicy.enabled=true",
-                       "--set", "networkPolicy.grpcFrom[0].namespaceSelector.matchLabels"
-                                ".kubernetes\\.io/metadata\\.name=apps",
-                       "--set", "networkPolicy.httpFrom[0].namespaceSelector.matchLabels"
-                                ".kubernetes\\.io/metadata\\.name=apps",
-                       "--set", "networkPolicy.operatorNamespace=kuberay")
-    policy = one(docs, "NetworkPolicy")["spec"]
-    ray, grpc, http, operator = policy["ingress"]
-    assert http == {"ports": [{"port": 8001, "protocol": "TCP"}], "from": [peer]}  # the OpenAI API's port
-    # Ray: every port, from the release's pods only.
-    assert "ports" not in ray
-    assert ray["from"] == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
-    assert grpc == {"ports": [{"port": GRPC_PORT, "protocol": "TCP"}], "from": [peer]}
-    assert [p["port"] for p in operator["ports"]] == [8265, 8000]
-    assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay"}
-    anyone = one(helm.render(None, "--set", "networkPolicy.enabled=true"), "NetworkPolicy")["spec"]["ingress"]
-    assert "from" not in anyone[1] and "from" not in anyone[2]
 
 
 @pytest.mark.parametrize("example", VALUE_SETS)

@@ -79,9 +79,10 @@ def test_head_pod(release: Release) -> None:
     assert head["resources"] == v["resources"]
     assert shm_size(pod) == v["shmSize"]
     mounts = {m["mountPath"]: m for m in head["volumeMounts"]}
-    assert mounts["/var/run/secrets/caravan"]["readOnly"] and mounts["/etc/caravan"]["readOnly"]
+    for folder in ("/var/run/secrets/caravan", "/var/run/secrets/caravan-admin", "/var/run/secrets/ray", "/etc/caravan"):
+        assert mounts[folder]["readOnly"], folder
     assert env(head)["RAY_AUTH_MODE"] == "token"
-    assert env(head)["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": f"{FULLNAME}-ray-auth", "key": "auth_token"}}
+    assert env(head)["RAY_AUTH_TOKEN_PATH"] == "/var/run/secrets/ray/auth_token"
 
 
 def test_worker_pods(release: Release) -> None:
@@ -120,6 +121,26 @@ def test_worker_pods(release: Release) -> None:
     # The layout's shards fill the worker group exactly: no shard short, no node idle.
     shards, slots = v["replicas"] * layout["tp"] * layout["pp"], sum(map(shard_slots, pods))
     assert shards <= slots < shards + (workers["gpusPerNode"] or workers["cpuShardsPerNode"]), (shards, slots)
+
+
+def test_pods_are_hardened(release: Release) -> None:
+    """KubeRay's Pods keep the chart's security contexts, its own containers (the workers' wait for the GCS)
+    included. Ray's token is a file in every container; KubeRay adds it to the environment of the Ray
+    containers too (RAY_AUTH_TOKEN, from the authOptions Secret, which it needs for its own calls): what
+    helm/README.md says, checked here so that a KubeRay that stops doing it is noticed."""
+    pods = release.pods("head", 1) + release.pods("worker", release.values["workers"]["nodes"])
+    injected = {"secretKeyRef": {"name": f"{FULLNAME}-ray-auth", "key": "auth_token"}}
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        assert pod["spec"]["securityContext"] == release.values["podSecurityContext"], name
+        for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+            security = c.get("securityContext", {})
+            assert security.get("allowPrivilegeEscalation") is False, (name, c["name"], security)
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], (name, c["name"], security)
+            assert security.get("readOnlyRootFilesystem") is True, (name, c["name"], security)
+            assert env(c).get("RAY_AUTH_TOKEN_PATH") == "/var/run/secrets/ray/auth_token", (name, c["name"])
+            assert env(c).get("RAY_AUTH_TOKEN", injected) == injected, (name, c["name"])
+        assert env(container(pod))["RAY_AUTH_TOKEN"] == injected, name
 
 
 def test_services(release: Release) -> None:

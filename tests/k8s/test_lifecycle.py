@@ -1,9 +1,10 @@
 """A release's life on a real control plane, for every example: the PodDisruptionBudget syncs, NOTES.txt's
-`helm upgrade` to two replicas passes (server-side apply, against KubeRay's own writes) and scales,
-`helm test` creates its pod, and `helm uninstall` leaves nothing behind."""
+`helm upgrade` to two replicas passes (server-side apply, against KubeRay's own writes) and scales, the
+generated tokens survive upgrades, `helm test` creates its pod, and `helm uninstall` leaves nothing behind."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from tests.helm.chart import EXAMPLES
+from tests.helm.chart import CHART, EXAMPLES
 from tests.k8s.control_plane import ControlPlane, wait_for
 from tests.k8s.release import FULLNAME, RELEASE, Release, container, dump, shard_slots
 
@@ -95,6 +96,23 @@ def test_upgrade_to_two_replicas(release: Release) -> None:
     layout = release.values["caravan"]["layout"]
     assert sum(map(shard_slots, release.pods("worker", nodes))) >= 2 * layout["tp"] * layout["pp"]
     assert release.get("pdb", FULLNAME)["spec"]["minAvailable"] == 1 + nodes
+
+
+def test_tokens_survive_upgrades_and_renders(release: Release) -> None:
+    """The chart's generated tokens (Ray's, the router's, the admin's) are read back from the installed Secrets
+    by `lookup`: an upgrade keeps them (a new Ray token would lock the running cluster out, a new router or admin
+    token its clients), and so does a render against the cluster (`helm template --dry-run=server`)."""
+    names = [f"{FULLNAME}-{part}" for part in ("ray-auth", "router-auth", "admin-auth")]
+    installed = {name: release.get("secret", name)["data"] for name in names}
+    assert all(len(base64.b64decode(value)) >= 48 for data in installed.values() for value in data.values())
+    assert len({value for data in installed.values() for value in data.values()}) == 3  # three different tokens
+    result = release.helm("upgrade", RELEASE, str(CHART), "--reuse-values", check=False)
+    assert result.returncode == 0, result.stderr
+    assert {name: release.get("secret", name)["data"] for name in names} == installed
+    rendered = release.helm("template", RELEASE, str(CHART), "-f", str(EXAMPLES[release.example]),
+                            "--dry-run=server").stdout
+    secrets = {d["metadata"]["name"]: d["data"] for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Secret"}
+    assert secrets == installed
 
 
 def test_helm_test_creates_the_doctor_pod(release: Release) -> None:

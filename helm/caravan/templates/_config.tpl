@@ -13,6 +13,11 @@ only tell the CLI where to run (cluster/deploy/controller.py, NOT_ARGS).
 {{- if .Values.routerAuth.enabled -}}
 {{- $_ := set $router "auth_token_file" (include "caravan.routerTokenPath" .) -}}
 {{- end -}}
+{{- $_ := set $router "admin_token_file" (include "caravan.adminTokenPath" .) -}}
+{{- if include "caravan.routerTLSSecret" . -}}
+{{- $_ := set $router "tls_cert_file" (printf "%s/tls.crt" (include "caravan.tlsDir" .)) -}}
+{{- $_ := set $router "tls_key_file" (printf "%s/tls.key" (include "caravan.tlsDir" .)) -}}
+{{- end -}}
 {{- $args := deepCopy .Values.caravan -}}
 {{- $_ := set $args "router" $router -}}
 {{- toYaml $args -}}

@@ -42,8 +42,13 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{/* The image by tag, or by digest too when image.digest is set (the tag then only names it for a reader). */}}
 {{- define "caravan.image" -}}
-{{- printf "%s:%s" (required "image.repository is required: the Caravan image built from helm/Dockerfile" .Values.image.repository) (required "image.tag is required: the Caravan image's tag" .Values.image.tag) -}}
+{{- $image := printf "%s:%s" (required "image.repository is required: the Caravan image built from helm/Dockerfile" .Values.image.repository) (required "image.tag is required: the Caravan image's tag" .Values.image.tag) -}}
+{{- with .Values.image.digest -}}
+{{- $image = printf "%s@%s" $image . -}}
+{{- end -}}
+{{- $image -}}
 {{- end -}}
 
 {{- define "caravan.rayAuthSecret" -}}
@@ -52,6 +57,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "caravan.routerAuthSecret" -}}
 {{- .Values.routerAuth.existingSecret | default (printf "%s-router-auth" (include "caravan.fullname" .)) -}}
+{{- end -}}
+
+{{- define "caravan.adminAuthSecret" -}}
+{{- .Values.adminAuth.existingSecret | default (printf "%s-admin-auth" (include "caravan.fullname" .)) -}}
+{{- end -}}
+
+{{/* The router's certificate Secret (kubernetes.io/tls): the given one, or the one cert-manager writes; "" without TLS. */}}
+{{- define "caravan.routerTLSSecret" -}}
+{{- if .Values.routerTLS.existingSecret -}}
+{{- .Values.routerTLS.existingSecret -}}
+{{- else if .Values.routerTLS.certManager.enabled -}}
+{{- printf "%s-router-tls" (include "caravan.fullname" .) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "caravan.grpcServiceName" -}}
@@ -66,25 +84,80 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Where the pieces live inside the containers. */}}
 {{- define "caravan.configPath" -}}/etc/caravan/config.yaml{{- end -}}
 {{- define "caravan.routerTokenPath" -}}/var/run/secrets/caravan/token{{- end -}}
+{{- define "caravan.adminTokenPath" -}}/var/run/secrets/caravan-admin/token{{- end -}}
+{{- define "caravan.rayTokenPath" -}}/var/run/secrets/ray/auth_token{{- end -}}
+{{- define "caravan.tlsDir" -}}/var/run/secrets/caravan-tls{{- end -}}
 {{- define "caravan.grpcPort" -}}50051{{- end -}}
 {{- /* The router's OpenAI-compatible HTTP API in the head pod: 8001, because Serve's proxy holds 8000 there. */}}
 {{- define "caravan.httpPort" -}}8001{{- end -}}
 
 {{/*
-Ray's token auth in a container: the mode and the token, from the Secret KubeRay also reads (the key
-`auth_token` is KubeRay's), so that the operator's calls to the dashboard carry the same token.
+Ray's token auth in a container: the mode, and the token as a file (RAY_AUTH_TOKEN_PATH, which Ray reads
+since 2.52) from the Secret KubeRay also reads (the key `auth_token` is KubeRay's), so that the operator's
+calls to the dashboard carry the same token and the token is in no container's environment.
 */}}
 {{- define "caravan.rayAuthEnv" -}}
 - name: RAY_AUTH_MODE
   value: token
-- name: RAY_AUTH_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "caravan.rayAuthSecret" . }}
-      key: auth_token
+- name: RAY_AUTH_TOKEN_PATH
+  value: {{ include "caravan.rayTokenPath" . }}
 {{- end -}}
 
-{{/* Volumes of every Ray pod: the config, the weights (read-only), and a memory-backed /dev/shm. */}}
+{{- define "caravan.rayAuthVolume" -}}
+- name: ray-auth
+  secret:
+    secretName: {{ include "caravan.rayAuthSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: auth_token
+        path: {{ include "caravan.rayTokenPath" . | base }}
+{{- end -}}
+
+{{- define "caravan.rayAuthMount" -}}
+- name: ray-auth
+  mountPath: {{ include "caravan.rayTokenPath" . | dir }}
+  readOnly: true
+{{- end -}}
+
+{{/*
+The pod's and the container's security contexts (podSecurityContext, securityContext), for every pod of
+the chart. With a read-only root, what Ray and Caravan write goes to the emptyDirs of caravan.scratchVolumes.
+*/}}
+{{- define "caravan.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext -}}
+{{- end -}}
+
+{{- define "caravan.securityContext" -}}
+{{- toYaml .Values.securityContext -}}
+{{- end -}}
+
+{{/*
+Writable folders of a Ray container whose root file system is read-only: /tmp (Ray's session: logs,
+sockets, spilled objects; compilers' scratch files) and the caches Caravan's CPU kernels and Triton's
+GPU kernels are compiled into. Home's other content (the Python environment, the demo model) stays the image's.
+*/}}
+{{- define "caravan.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: kernel-cache
+  emptyDir: {}
+{{- end -}}
+
+{{- define "caravan.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: kernel-cache
+  mountPath: /home/ray/.cache/caravan/kernels
+  subPath: caravan
+- name: kernel-cache
+  mountPath: /home/ray/.triton
+  subPath: triton
+{{- end -}}
+
+{{/*
+Volumes of every Ray pod: the config, the weights (read-only), Ray's token, the writable scratch folders; the
+memory-backed /dev/shm is caravan.shmVolume.
+*/}}
 {{- define "caravan.rayVolumes" -}}
 - name: config
   configMap:
@@ -95,6 +168,8 @@ Ray's token auth in a container: the mode and the token, from the Secret KubeRay
     claimName: {{ .Values.modelVolume.claimName }}
     readOnly: true
 {{- end }}
+{{ include "caravan.rayAuthVolume" . }}
+{{ include "caravan.scratchVolumes" . }}
 {{- end -}}
 
 {{- define "caravan.rayVolumeMounts" -}}
@@ -108,6 +183,8 @@ Ray's token auth in a container: the mode and the token, from the Secret KubeRay
 {{- end }}
 - name: dshm
   mountPath: /dev/shm
+{{ include "caravan.rayAuthMount" . }}
+{{ include "caravan.scratchMounts" . }}
 {{- end -}}
 
 {{- define "caravan.shmVolume" -}}

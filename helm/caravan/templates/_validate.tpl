@@ -1,7 +1,8 @@
 {{/*
 The checks values.schema.json cannot make, because they relate values to one another: the layout
 against the worker group, the device against the GPUs, the model path against its volume, the
-liveness window against the setup timeout. Each failure names the values keys and the fix.
+liveness window against the setup timeout, the router certificate's two sources. Each failure names
+the values keys and the fix.
 */}}
 {{- define "caravan.validate" -}}
 {{- $c := .Values.caravan -}}
@@ -37,6 +38,13 @@ liveness window against the setup timeout. Each failure names the values keys an
 {{- $nodes := div (add $stages $stagesPerNode -1) $stagesPerNode -}}
 {{- if ne (int $w.nodes) $nodes -}}
 {{- fail (printf "workers.nodes=%d does not match the layout: replicas=%d x caravan.layout.pp=%d = %d stages of caravan.layout.tp=%d, and a node with %s=%d %s holds %d stage(s), so the stages fill %d node(s); set workers.nodes to %d (or change replicas, caravan.layout.pp or caravan.layout.tp)" (int $w.nodes) $replicas $pp $stages $tp $slotsKey $slots $what $stagesPerNode $nodes $nodes) -}}
+{{- end -}}
+
+{{- if and .Values.routerTLS.existingSecret .Values.routerTLS.certManager.enabled -}}
+{{- fail (printf "routerTLS.existingSecret=%s and routerTLS.certManager.enabled are both set: the router's certificate comes from one of them; unset routerTLS.existingSecret to let cert-manager issue it, or turn routerTLS.certManager.enabled off to use that Secret" .Values.routerTLS.existingSecret) -}}
+{{- end -}}
+{{- if and .Values.routerTLS.certManager.enabled (not .Values.routerTLS.certManager.issuerRef.name) -}}
+{{- fail "routerTLS.certManager.enabled needs routerTLS.certManager.issuerRef.name: the cert-manager Issuer (or ClusterIssuer, with issuerRef.kind) that signs the router's certificate" -}}
 {{- end -}}
 
 {{- with .Values.head.livenessProbe -}}
