@@ -160,20 +160,22 @@ async def _ask_once(router, where: str, endpoint: dict, prompt: str, max_tokens:
 
 
 @contextmanager
-def serve_subprocess(config_path: Path, target: str, *, timeout_s: float = 300.0,
-                     stop_s: float = 90.0) -> Iterator[subprocess.Popen]:
+def serve_subprocess(config_path: Path, target: str, *, timeout_s: float = 300.0, stop_s: float = 90.0,
+                     tls_ca: Path | None = None) -> Iterator[subprocess.Popen]:
     """`caravan serve CONFIG` in a child process, as a user starts it (its output in serve.log beside the
     config), for scripts that drive a server as clients do: benchmarks and end-to-end tests. Yields the
-    process once the router at `target` reports SERVING; a child that exits first, or does not serve
-    within `timeout_s`, is a RuntimeError quoting the end of its log. At the end, SIGTERM (a drain),
-    and a kill if it has not stopped within `stop_s`."""
+    process once the router at `target` reports SERVING (over TLS, trusting `tls_ca`, when it is given); a
+    child that exits first, or does not serve within `timeout_s`, is a RuntimeError quoting the end of its
+    log. At the end, SIGTERM (a drain), and a kill if it has not stopped within `stop_s`."""
     log_path = config_path.parent / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(config_path)], stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout_s
-            with grpc.insecure_channel(target) as channel:
+            channel = (grpc.insecure_channel(target) if tls_ca is None else
+                       grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca.read_bytes())))
+            with channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 while True:
                     if proc.poll() is not None:

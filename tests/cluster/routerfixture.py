@@ -28,11 +28,15 @@ from cluster.runtime.ports import free_port
 
 
 @contextmanager
-def caravan_serve(folder: Path, config_yaml: str, token: str, **router) -> Iterator[Clients]:
+def caravan_serve(folder: Path, config_yaml: str, token: str, tls: tuple[Path, Path] | None = None,
+                  **router) -> Iterator[Clients]:
     """`caravan serve CONFIG` in its own process, as a user starts it, with `config_yaml` and a router
     section of `router`'s keys, on free ports (gRPC and HTTP), with `token` in the file `token` for every
-    RPC, until it serves; SIGTERM at the end. The clients also carry the process, its log, the config's
-    path and the HTTP API's base URL (`http`)."""
+    RPC, until it serves; SIGTERM at the end. With `tls` (key, certificate: `self_signed_cert`), the router
+    serves TLS and the clients trust that certificate. The clients also carry the process, its log, the
+    config's path and the HTTP API's base URL (`http`, or https with TLS)."""
+    if tls is not None:
+        router = {"tls_key_file": str(tls[0]), "tls_cert_file": str(tls[1]), **router}
     port = free_port()
     (folder / "token").write_text(token)
     (folder / "admin_token").write_text(f"admin-{token}")
@@ -41,13 +45,16 @@ def caravan_serve(folder: Path, config_yaml: str, token: str, **router) -> Itera
     (folder / "cluster.yaml").write_text(config_yaml + "router: {" + ", ".join(
         f"{k}: {'null' if v is None else v}" for k, v in section.items()) + "}\n")
     target = f"127.0.0.1:{port}"
-    channel = grpc.insecure_channel(target)
+    ca = None if tls is None else tls[1]
+    channel = (grpc.insecure_channel(target) if ca is None else
+               grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes())))
     try:
-        with serve_subprocess(folder / "cluster.yaml", target, timeout_s=240) as proc:
+        with serve_subprocess(folder / "cluster.yaml", target, timeout_s=240, tls_ca=ca) as proc:
             clients = Clients(channel, token, f"admin-{token}")
             clients.proc, clients.log_path, clients.target = proc, folder / "serve.log", target
             clients.config_path = folder / "cluster.yaml"
-            clients.http = f"http://127.0.0.1:{section['http_port']}" if section["http_port"] else None
+            scheme = "http" if ca is None else "https"
+            clients.http = f"{scheme}://127.0.0.1:{section['http_port']}" if section["http_port"] else None
             yield clients
     finally:
         channel.close()
