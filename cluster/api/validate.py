@@ -242,7 +242,8 @@ def check_generate(req: pb.GenerateRequest, limits: Limits) -> Generation:
         temperature=temperature, top_k=s.top_k, top_p=top_p, seed=s.seed if s.HasField("seed") else None,
         max_tokens=req.max_tokens if req.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
         stop_token_ids=frozenset(req.stop_token_ids), ignore_eos=req.ignore_eos,
-        logprobs=req.top_logprobs if req.logprobs else None)
+        logprobs=req.top_logprobs if req.logprobs else None,
+        speculate=req.speculate or not req.HasField("speculate"))
     try:
         constraint, tools, constraint_field = check_output(req)
     except FieldError as e:

@@ -352,3 +352,33 @@ def test_draining_is_503_and_an_internal_failure_is_500(smollm2_dir, tmp_path):
         rt.call(rt.router.stopped.wait(), timeout_s=5)
     finally:
         rt.close()
+
+
+def test_speculate_opt_out_reaches_the_engine_from_both_doors(smollm2_dir, tmp_path):
+    """caravan.v1's speculate and the HTTP body's speculate set SamplingParams.speculate; unset is true."""
+    seen = []
+
+    class Recording(StubBackend):
+        async def generate(self, prompt_ids, params):
+            seen.append(params.speculate)
+            async for update in super().generate(prompt_ids, params):
+                yield update
+
+    backend = Recording()
+    backend.release.set()
+    rt = stub_router(smollm2_dir, tmp_path, backend)
+    sdk, clients = sdk_for(rt), Clients.of(rt.channel(), rt.router)
+    try:
+        for flag in (None, False, True):
+            req = pb.GenerateRequest(prompt="Hi", max_tokens=1, **({} if flag is None else {"speculate": flag}))
+            list(clients.inference.Generate(req, metadata=clients.auth, timeout=10))
+            extra = {} if flag is None else {"speculate": flag}
+            sdk.completions.create(model=MODEL, prompt="Hi", extra_body=extra)
+            sdk.chat.completions.create(model=MODEL, messages=QUESTION, extra_body=extra)
+        assert seen == [True] * 3 + [False] * 3 + [True] * 3
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"speculate": "no"})
+        assert e.value.response.json()["error"]["param"] == "speculate"
+        assert "must be a boolean" in e.value.response.json()["error"]["message"]
+    finally:
+        rt.close()

@@ -23,7 +23,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 _COMMON = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "user",
            "frequency_penalty", "presence_penalty", "logit_bias",
-           "top_k", "ignore_eos", "stop_token_ids")  # the last three as vLLM and TGI name them
+           "top_k", "ignore_eos", "stop_token_ids",  # these three as vLLM and TGI name them
+           "speculate")  # this server's own: false opts the request out of speculative decoding
 _FIELDS = {"chat": frozenset(_COMMON + ("messages", "max_completion_tokens", "logprobs", "top_logprobs",
                                        "response_format", "tools", "tool_choice", "parallel_tool_calls")),
            "completions": frozenset(_COMMON + ("prompt", "logprobs", "echo", "best_of", "suffix"))}
@@ -96,6 +97,7 @@ def parse(body: Any, kind: str) -> Parsed:
     max_field, max_tokens = _max_tokens(body, kind)
     template = pb.GenerateRequest(ignore_eos=_get(body, "ignore_eos", bool, False))
     _set(template, "max_tokens", max_tokens, max_field)
+    _set(template, "speculate", _get(body, "speculate", bool), "speculate")
     _set(template.sampling, "temperature", _get(body, "temperature", float), "temperature")
     _set(template.sampling, "top_p", _get(body, "top_p", float), "top_p")
     _set(template.sampling, "seed", _get(body, "seed", int), "seed")

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ravan/v1/inference.proto\x12\ncaravan.v1\"l\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.caravan.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"V\n\nToolChoice\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1a.caravan.v1.ToolChoiceModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\x7f\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.caravan.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.caravan.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.caravan.v1.ToolChoice\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x83\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xff\x02\n\x0fGenerateRequest\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x10.caravan.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.caravan.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.caravan.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x17\n\x0f\x65\x63ho_prompt_ids\x18\x0b \x01(\x08\x12\x33\n\x0fresponse_format\x18\x0c \x01(\x0b\x32\x1a.caravan.v1.ResponseFormatB\x07\n\x05inputB\r\n\x0b_max_tokens\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.caravan.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\"\x8a\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.caravan.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.caravan.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.caravan.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12(\n\ntool_calls\x18\x08 \x03(\x0b\x32\x14.caravan.v1.ToolCall\"L\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.caravan.v1.ChatH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xd1\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x17\n\x0ftensor_parallel\x18\x04 \x01(\r\x12\x19\n\x11pipeline_parallel\x18\x05 \x01(\r\x12\x10\n\x08replicas\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x15\n\rchat_template\x18\t \x01(\x08*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xb2\x02\n\tInference\x12G\n\x08Generate\x12\x1b.caravan.v1.GenerateRequest\x1a\x1c.caravan.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.caravan.v1.TokenizeRequest\x1a\x1c.caravan.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.caravan.v1.DetokenizeRequest\x1a\x1e.caravan.v1.DetokenizeResponse\x12H\n\tModelInfo\x12\x1c.caravan.v1.ModelInfoRequest\x1a\x1d.caravan.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ravan/v1/inference.proto\x12\ncaravan.v1\"l\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.caravan.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"V\n\nToolChoice\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1a.caravan.v1.ToolChoiceModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\x7f\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.caravan.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.caravan.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.caravan.v1.ToolChoice\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x83\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa5\x03\n\x0fGenerateRequest\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x10.caravan.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.caravan.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.caravan.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x17\n\x0f\x65\x63ho_prompt_ids\x18\x0b \x01(\x08\x12\x33\n\x0fresponse_format\x18\x0c \x01(\x0b\x32\x1a.caravan.v1.ResponseFormat\x12\x16\n\tspeculate\x18\r \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0c\n\n_speculate\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.caravan.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\"\x8a\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.caravan.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.caravan.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.caravan.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12(\n\ntool_calls\x18\x08 \x03(\x0b\x32\x14.caravan.v1.ToolCall\"L\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.caravan.v1.ChatH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xd1\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x17\n\x0ftensor_parallel\x18\x04 \x01(\r\x12\x19\n\x11pipeline_parallel\x18\x05 \x01(\r\x12\x10\n\x08replicas\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x15\n\rchat_template\x18\t \x01(\x08*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xb2\x02\n\tInference\x12G\n\x08Generate\x12\x1b.caravan.v1.GenerateRequest\x1a\x1c.caravan.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.caravan.v1.TokenizeRequest\x1a\x1c.caravan.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.caravan.v1.DetokenizeRequest\x1a\x1e.caravan.v1.DetokenizeResponse\x12H\n\tModelInfo\x12\x1c.caravan.v1.ModelInfoRequest\x1a\x1d.caravan.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'caravan.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLCHOICEMODE']._serialized_start=2117
-  _globals['_TOOLCHOICEMODE']._serialized_end=2252
-  _globals['_FINISHREASON']._serialized_start=2254
-  _globals['_FINISHREASON']._serialized_end=2379
+  _globals['_TOOLCHOICEMODE']._serialized_start=2155
+  _globals['_TOOLCHOICEMODE']._serialized_end=2290
+  _globals['_FINISHREASON']._serialized_start=2292
+  _globals['_FINISHREASON']._serialized_end=2417
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=150
   _globals['_TOOLCALL']._serialized_start=152
@@ -52,27 +52,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=625
   _globals['_SAMPLINGPARAMS']._serialized_end=756
   _globals['_GENERATEREQUEST']._serialized_start=759
-  _globals['_GENERATEREQUEST']._serialized_end=1142
-  _globals['_TOKENLOGPROB']._serialized_start=1144
-  _globals['_TOKENLOGPROB']._serialized_end=1230
-  _globals['_TOPLOGPROB']._serialized_start=1232
-  _globals['_TOPLOGPROB']._serialized_end=1279
-  _globals['_USAGE']._serialized_start=1281
-  _globals['_USAGE']._serialized_end=1391
-  _globals['_GENERATERESPONSE']._serialized_start=1394
-  _globals['_GENERATERESPONSE']._serialized_end=1660
-  _globals['_TOKENIZEREQUEST']._serialized_start=1662
-  _globals['_TOKENIZEREQUEST']._serialized_end=1738
-  _globals['_TOKENIZERESPONSE']._serialized_start=1740
-  _globals['_TOKENIZERESPONSE']._serialized_end=1777
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1779
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1846
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1848
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1882
-  _globals['_MODELINFOREQUEST']._serialized_start=1884
-  _globals['_MODELINFOREQUEST']._serialized_end=1902
-  _globals['_MODELINFORESPONSE']._serialized_start=1905
-  _globals['_MODELINFORESPONSE']._serialized_end=2114
-  _globals['_INFERENCE']._serialized_start=2382
-  _globals['_INFERENCE']._serialized_end=2688
+  _globals['_GENERATEREQUEST']._serialized_end=1180
+  _globals['_TOKENLOGPROB']._serialized_start=1182
+  _globals['_TOKENLOGPROB']._serialized_end=1268
+  _globals['_TOPLOGPROB']._serialized_start=1270
+  _globals['_TOPLOGPROB']._serialized_end=1317
+  _globals['_USAGE']._serialized_start=1319
+  _globals['_USAGE']._serialized_end=1429
+  _globals['_GENERATERESPONSE']._serialized_start=1432
+  _globals['_GENERATERESPONSE']._serialized_end=1698
+  _globals['_TOKENIZEREQUEST']._serialized_start=1700
+  _globals['_TOKENIZEREQUEST']._serialized_end=1776
+  _globals['_TOKENIZERESPONSE']._serialized_start=1778
+  _globals['_TOKENIZERESPONSE']._serialized_end=1815
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1817
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1884
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1886
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1920
+  _globals['_MODELINFOREQUEST']._serialized_start=1922
+  _globals['_MODELINFOREQUEST']._serialized_end=1940
+  _globals['_MODELINFORESPONSE']._serialized_start=1943
+  _globals['_MODELINFORESPONSE']._serialized_end=2152
+  _globals['_INFERENCE']._serialized_start=2420
+  _globals['_INFERENCE']._serialized_end=2726
 # @@protoc_insertion_point(module_scope)
