@@ -16,8 +16,8 @@ from cluster.config import RouterSection, ServeConfig
 from tests.helm.chart import CHART, Helm
 
 BF16 = "llama-3.1-405b-bf16-2x8xh100.yaml"
-# Router keys the chart sets itself (the Service, the probes, the metrics Service and the token Secret
-# depend on them) or does not offer (TLS: the chart has no certificate Secret yet).
+# Router keys the chart sets itself: the Service, the probes and the metrics Service depend on the ports, and the
+# token and certificate files are where the chart mounts its Secrets (routerAuth, adminAuth, routerTLS).
 CHART_ROUTER_KEYS = {"host", "port", "http_port", "metrics_port", "auth_token_file", "admin_token_file", "api_keys_file",
                      "tls_cert_file", "tls_key_file"}
 
