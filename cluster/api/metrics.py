@@ -8,6 +8,7 @@ counters of prompt tokens, hit tokens, requests, hit requests and evictions (for
 hit rate over a window is rate(hit) / rate(prompt)), and the cached blocks. Speculative decoding
 likewise: counters of verify steps and of draft tokens proposed, accepted and emitted, and gauges of
 the acceptance rate and the mean accepted length (tokens per verify step) since the replica started.
+Constrained decoding: counters of constrained requests and of the seconds spent filling masks.
 The counters grow by what each replica report adds; a replica that restarts counts again from its
 new totals.
 """
@@ -34,6 +35,10 @@ _SPEC_COUNTERS = (
     ("spec_proposed", "proposed_tokens", "Draft tokens a replica proposed"),
     ("spec_accepted", "accepted_tokens", "Draft tokens a replica's verification accepted"),
     ("spec_emitted", "emitted_tokens", "Tokens the verify steps produced (accepted drafts and one more each)"),
+)
+_GRAMMAR_COUNTERS = (
+    ("constrained_requests", "requests", "Constrained requests a replica admitted (a resumed one again)"),
+    ("mask_seconds", "mask_seconds", "Seconds a replica's engine spent filling token bitmasks"),
 )
 
 
@@ -84,6 +89,8 @@ class RouterMetrics:
                                 for field, name, text in _PREFIX_COUNTERS}
         self.prefix_counters |= {field: Counter(f"caravan_speculative_{name}", text, ["replica"], registry=r)
                                  for field, name, text in _SPEC_COUNTERS}
+        self.prefix_counters |= {field: Counter(f"caravan_grammar_{name}", text, ["replica"], registry=r)
+                                 for field, name, text in _GRAMMAR_COUNTERS}
         self.spec_acceptance = Gauge("caravan_speculative_acceptance_ratio", "Draft tokens accepted per draft token "
                                      "proposed, since the replica started", ["replica"], registry=r)
         self.spec_length = Gauge("caravan_speculative_mean_accepted_length", "Tokens per speculative verify step, "

@@ -84,6 +84,10 @@ class EngineStats:
     spec_proposed: int = 0
     spec_accepted: int = 0
     spec_emitted: int = 0
+    # Constrained decoding, since the replica started: requests admitted with a constraint (a resumed
+    # one again), and seconds spent filling their token bitmasks (the engine's share of each step).
+    constrained_requests: int = 0
+    mask_seconds: float = 0.0
 
 
 class Engine:
@@ -118,7 +122,8 @@ class Engine:
         return EngineStats(s.num_blocks, s.num_free_blocks, s.num_running, s.num_waiting, self.steps,
                            s.preemptions, self.failed, s.queued_tokens, c.cached_blocks, c.requests, c.hit_requests,
                            c.prompt_tokens, c.hit_tokens, c.evictions,
-                           s.pools[0].num_blocks * s.block_size, *astuple(s.spec.stats if s.spec else SpecStats()))
+                           s.pools[0].num_blocks * s.block_size, *astuple(s.spec.stats if s.spec else SpecStats()),
+                           constrained_requests=self.constrained_requests, mask_seconds=self.mask_seconds)
 
     def needs_probe(self, quiet_s: float) -> bool:
         """Healthy as far as it knows, but idle (nothing running or waiting) with no step for
