@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 TOKEN = "test-token-5c2a"
-KILL_AFTER = 12    # tokens streamed before the kill: well inside the answer
-# Long enough (about 95 tokens) to be cut in the middle, small enough for SmolLM2 to close.
-SCHEMA = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+KILL_AFTER = 10    # tokens streamed before the kill: well inside the answer
+# Long enough (about 70 tokens) to be cut in the middle, small enough for SmolLM2 to close.
+SCHEMA = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
     "type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
     "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 99},
                    "city": {"type": "string", "maxLength": 10}}}}
@@ -36,7 +36,7 @@ def server(tmp_path_factory, smollm2_dir):
 
 
 def request(sampling: pb.SamplingParams) -> pb.GenerateRequest:
-    return pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="Four people as JSON.")]),
+    return pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="Three people as JSON.")]),
                               sampling=sampling, max_tokens=200,
                               response_format=pb.ResponseFormat(json_schema=json.dumps(SCHEMA)))
 
