@@ -65,7 +65,7 @@ SCHEMAS = [
                        "room": {"type": "string", "pattern": "^[A-D][0-9]{3}$"}})),
     ("a server", obj({"host": text(16), "port": integer(1, 65535), "tls": {"type": "boolean"},
                       "role": {"enum": ["web", "db", "cache"]}})),
-    ("a shape", {"anyOf": [obj({"kind": {"const": "circle"}, "radius": {"type": "number", "minimum": 0}}),
+    ("a shape", {"anyOf": [obj({"kind": {"const": "circle"}, "radius": {"type": "number", "minimum": 0, "maximum": 99}}),
                            obj({"kind": {"const": "rect"}, "w": integer(1, 99), "h": integer(1, 99)})]}),
 ]
 VARIANTS = ["Write {} as JSON.", "Give me {} in JSON.", "Describe {} as a JSON value.", "JSON for {}, please."]
