@@ -20,11 +20,14 @@ from cluster.api.backend import LocalBackend
 from cluster.api.server import build_router
 from cluster.cli.serve import serve_subprocess
 from cluster.config import ServeConfig
-from cluster.engine.engine import Engine
+from cluster.engine.engine import Engine, EngineStats
 from cluster.engine.executor import LocalExecutor
 from cluster.engine.grammar import Grammars
 from cluster.engine.request import checkpoint_eos_ids
+from cluster.engine.scheduler import TokenUpdate
 from cluster.runtime.ports import free_port
+from cluster.runtime.report import ReplicaInfo
+from shard.sampler import Sample
 
 
 @contextmanager
@@ -196,3 +199,45 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     except (FileNotFoundError, subprocess.CalledProcessError) as e:
         pytest.skip(f"openssl cannot make a test certificate: {e}")
     return key, cert
+
+
+# ---- a backend without replicas, for the router's own rules ----
+
+def stub_stats(failed: str | None = None) -> EngineStats:
+    return EngineStats(num_blocks=8, free_blocks=8, running=0, waiting=0, steps=3, preemptions=0, queued_tokens=0,
+                       failed=failed)
+
+
+def stub_info(name: str, stats: EngineStats | None = None, progress_age_s: float = 0.1) -> ReplicaInfo:
+    return ReplicaInfo(name, [], stats or stub_stats(), progress_age_s=progress_age_s, shard_healthy=[])
+
+
+class StubBackend:
+    """Replica reports set by the test (one serving replica with `serving`); generate waits until
+    `release` is set (from any thread), then gives one token, or raises `fail`."""
+
+    def __init__(self, serving: bool = False, fail: Exception | None = None):
+        self.reports = [stub_info("a")] if serving else []
+        self.release, self.fail = threading.Event(), fail
+
+    async def generate(self, prompt_ids, params):
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        if self.fail is not None:
+            raise self.fail
+        yield TokenUpdate(0, Sample(72), "length")
+
+    async def infos(self):
+        return list(self.reports)
+
+    async def scale(self, replicas):
+        return 1
+
+    async def target_replicas(self):
+        return 1
+
+    async def pending(self, reporting):
+        return "" if reporting else "1 replica(s) starting (placement, shards, weights)"
+
+    async def close(self):
+        self.release.set()

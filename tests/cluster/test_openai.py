@@ -19,13 +19,11 @@ from caravan.v1 import admin_pb2 as apb
 from caravan.v1 import inference_pb2 as pb
 from cluster.api.server import build_router
 from cluster.config import ServeConfig
-from cluster.engine.engine import EngineStats
 from cluster.runtime.ports import free_port
-from cluster.runtime.report import ReplicaInfo
 from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.worker import ShardWorker
-from tests.cluster.routerfixture import Clients, RouterThread, local_router
+from tests.cluster.routerfixture import Clients, RouterThread, StubBackend, local_router
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MODEL = "smollm2-135m-instruct"
@@ -205,44 +203,6 @@ def test_request_errors_in_openai_shape(served):
 
 # ---- without an engine: auth, the queue, recovery, drain, failures ----
 
-class StubBackend:
-    """Replica reports set by the test; generate waits until released, then gives one token (or raises
-    `fail`)."""
-
-    def __init__(self, serving: bool = True, fail: Exception | None = None):
-        self.reports = [ReplicaInfo("a", [], _stats(), progress_age_s=0.1, shard_healthy=[])] if serving else []
-        self.release, self.fail = threading.Event(), fail
-
-    async def generate(self, prompt_ids, params):
-        from cluster.engine.scheduler import TokenUpdate
-        from shard.sampler import Sample
-        while not self.release.is_set():
-            await asyncio.sleep(0.01)
-        if self.fail is not None:
-            raise self.fail
-        yield TokenUpdate(0, Sample(72), "length")
-
-    async def infos(self):
-        return list(self.reports)
-
-    async def scale(self, replicas):
-        return 1
-
-    async def target_replicas(self):
-        return 1
-
-    async def pending(self, reporting):
-        return ""
-
-    async def close(self):
-        self.release.set()
-
-
-def _stats():
-    return EngineStats(num_blocks=8, free_blocks=8, running=0, waiting=0, steps=3, preemptions=0, queued_tokens=0,
-                       failed=None)
-
-
 def stub_router(model_dir, tmp_path, backend, **router) -> RouterThread:
     config = ServeConfig.from_dict({"router": {"port": 0, "http_port": free_port(), "metrics_port": None, **router},
                                     "timeouts": {"health_check_period_s": 0.1, "step_s": 1}})
@@ -260,7 +220,7 @@ def sdk_for(rt: RouterThread, key: str = "none") -> openai.OpenAI:
 
 def test_api_keys_from_a_file_guard_everything_but_health(smollm2_dir, tmp_path):
     (tmp_path / "keys").write_text("# one key per line\nkey-one\n\nkey-two\n")
-    backend = StubBackend()
+    backend = StubBackend(serving=True)
     backend.release.set()
     rt = stub_router(smollm2_dir, tmp_path, backend, api_keys_file=str(tmp_path / "keys"))
     try:
@@ -281,7 +241,7 @@ def test_api_keys_from_a_file_guard_everything_but_health(smollm2_dir, tmp_path)
 
 
 def test_full_queue_is_429_with_retry_after_and_recovery_is_503(smollm2_dir, tmp_path):
-    backend = StubBackend()
+    backend = StubBackend(serving=True)
     rt = stub_router(smollm2_dir, tmp_path, backend, max_in_flight=2, wait_for_replica_s=0.2)
     sdk = sdk_for(rt)
     try:
@@ -321,7 +281,7 @@ def test_full_queue_is_429_with_retry_after_and_recovery_is_503(smollm2_dir, tmp
 
 
 def test_draining_is_503_and_an_internal_failure_is_500(smollm2_dir, tmp_path):
-    backend = StubBackend(fail=ValueError("boom"))
+    backend = StubBackend(serving=True, fail=ValueError("boom"))
     backend.release.set()
     rt = stub_router(smollm2_dir, tmp_path, backend)
     sdk = sdk_for(rt)
@@ -364,7 +324,7 @@ def test_speculate_opt_out_reaches_the_engine_from_both_doors(smollm2_dir, tmp_p
             async for update in super().generate(prompt_ids, params):
                 yield update
 
-    backend = Recording()
+    backend = Recording(serving=True)
     backend.release.set()
     rt = stub_router(smollm2_dir, tmp_path, backend)
     sdk, clients = sdk_for(rt), Clients.of(rt.channel(), rt.router)

@@ -18,17 +18,17 @@ from caravan.v1 import inference_pb2 as pb
 from caravan.v1 import inference_pb2_grpc
 from cluster.config import ConfigError, ServeConfig
 from cluster.api.backend import LocalBackend
-from cluster.engine.engine import Engine, EngineStats
+from cluster.engine.engine import Engine
 from cluster.engine.executor import LocalExecutor
 from cluster.engine.request import checkpoint_eos_ids
 from cluster.api.server import build_router
-from cluster.runtime.report import ReplicaInfo
 from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.worker import ShardWorker
 from tests.cluster.malformed import cases
 from tests.cluster import routerfixture
-from tests.cluster.routerfixture import Clients, RouterThread, expect_malformed, flood, self_signed_cert
+from tests.cluster.routerfixture import (Clients, RouterThread, StubBackend, expect_malformed, flood, self_signed_cert,
+                                         stub_info, stub_stats)
 from tests.conftest import LLAMA31_TOKENIZER
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -361,44 +361,6 @@ def test_health_reflection_and_metrics(served):
 
 # ---- without an engine: auth, health rules, drain ----
 
-def FakeInfo(name: str, stats: EngineStats, progress_age_s: float = 0.1) -> ReplicaInfo:
-    return ReplicaInfo(name, [], stats, progress_age_s=progress_age_s, shard_healthy=[])
-
-
-class StubBackend:
-    """Replica reports set by the test; generate streams nothing until released."""
-
-    def __init__(self):
-        self.reports: list[ReplicaInfo] = []
-        self.release = asyncio.Event()
-
-    async def generate(self, prompt_ids, params):
-        from cluster.engine.scheduler import TokenUpdate
-        from shard.sampler import Sample
-        await self.release.wait()
-        yield TokenUpdate(0, Sample(72), "length")
-
-    async def infos(self):
-        return list(self.reports)
-
-    async def scale(self, replicas):
-        return 1
-
-    async def target_replicas(self):
-        return 1
-
-    async def pending(self, reporting):
-        return "" if reporting else "1 replica(s) starting (placement, shards, weights)"
-
-    async def close(self):
-        self.release.set()
-
-
-def _stats(failed=None):
-    return EngineStats(num_blocks=8, free_blocks=8, running=0, waiting=0, steps=3, preemptions=0, queued_tokens=0,
-                       failed=failed)
-
-
 def _stub_router(model_dir, tmp_path, backend=None, **router):
     config = ServeConfig.from_dict({"router": {"port": 0, "http_port": 0, "metrics_port": None, **router},
                                     "timeouts": {"health_check_period_s": 0.1, "step_s": 1}})
@@ -468,17 +430,17 @@ def test_health_follows_replica_progress(smollm2_dir, tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no replica is serving" in e.value.details()
-        backend.reports = [FakeInfo("a", _stats()), FakeInfo("b", _stats())]
+        backend.reports = [stub_info("a", stub_stats()), stub_info("b", stub_stats())]
         c.wait_health(SERVING, timeout_s=2)
         assert c.status().pending == ""
         c.wait_health(SERVING, "caravan.replica.b", timeout_s=2)
-        backend.reports = [FakeInfo("a", _stats("rank 1 died")), FakeInfo("b", _stats(), progress_age_s=60)]
+        backend.reports = [stub_info("a", stub_stats("rank 1 died")), stub_info("b", stub_stats(), progress_age_s=60)]
         c.wait_health(NOT_SERVING, timeout_s=2)
         assert c.health_status("caravan.replica.a") == c.health_status("caravan.replica.b") == NOT_SERVING
         assert c.health_status("caravan.router") == SERVING  # liveness: the router itself runs
         errors = {r.name: r.error for r in c.status().replicas}
         assert errors["a"] == "rank 1 died" and errors["b"].startswith("no progress for")
-        backend.reports = [FakeInfo("b", _stats())]
+        backend.reports = [stub_info("b", stub_stats())]
         c.wait_health(SERVING, timeout_s=2)
     finally:
         rt.close()
@@ -512,7 +474,7 @@ def test_while_no_replica_serves_requests_wait_for_one_within_bounds(smollm2_dir
         with pytest.raises(grpc.RpcError) as e:  # two are waiting: the third is over max_in_flight
             list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        backend.reports = [FakeInfo("a", _stats())]  # a replica serves again
+        backend.reports = [stub_info("a", stub_stats())]  # a replica serves again
         assert [[r.token_ids[0] for r in w] for w in waiting] == [[72], [72]]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{rt.router.metrics_port}/metrics").read().decode()
         assert "caravan_replica_wait_seconds_count 2.0" in metrics
@@ -522,7 +484,7 @@ def test_while_no_replica_serves_requests_wait_for_one_within_bounds(smollm2_dir
 
 def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
     backend = StubBackend()
-    backend.reports = [FakeInfo("a", _stats())]
+    backend.reports = [stub_info("a", stub_stats())]
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
     c = Clients.of(rt.channel(), rt.router)
     c.wait_health(SERVING, timeout_s=2)
