@@ -3,6 +3,13 @@
 A stop string may arrive split over several tokens, so text that could be the start of one is held
 back until the next token settles it; text is never sent and then taken back. When a stop string
 appears, the output ends just before it.
+
+It runs on the router's event loop, in the request's own task: a token costs about 6 us (a bounded
+window decoded by the Rust tokenizer, incomplete characters included), where handing each token to
+a worker thread cost 258 us (SmolLM2's tokenizer, this machine), and the GIL would still be held for
+the decode. What keeps the probes answering is that no token's work is more than that bound:
+`tests/cluster/test_router.py` streams 4 x 8,190 tokens of incomplete characters at once with health
+Check p99 under 50 ms.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer, eos_token_ids: set[int], folder: Path) -> None:
         self._hf = hf_tokenizer
+        # The Rust tokenizer itself, where there is one: transformers' decode wraps it in a walk over
+        # every id (type checks and conversions) that cost 5x the decode on the router's loop.
+        self._fast = hf_tokenizer.backend_tokenizer if getattr(hf_tokenizer, "is_fast", False) else None
         self._eos_token_ids = frozenset(eos_token_ids)
         self._folder = folder
 
@@ -70,6 +73,8 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # No "clean up" of spaces before punctuation: it is a WordPiece-era rewrite that corrupts
         # BPE output and would make streamed text differ from the whole decode.
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
@@ -108,6 +113,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # Start of the window: context already turned into text.
         self._read_offset = 0  # End of the ids whose text has been emitted.
         self._text = ""
+        self._prefix: str | None = None  # the text of ids[_prefix_offset:_read_offset], once decoded
 
     @property
     def text(self) -> str:
@@ -125,7 +131,9 @@ class IncrementalDetokenizer:
 
     def _emit(self, hold_partial: bool) -> str:
         skip = self._skip_special_tokens
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip)
+        if self._prefix is None:  # the window's context changes only when text is emitted
+            self._prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip)
+        prefix = self._prefix
         window = self._tokenizer.decode(self._ids[self._prefix_offset :], skip)
         held = len(self._ids) - self._read_offset
         partial = hold_partial and window.endswith("\ufffd") and held < self.MAX_HELD_TOKENS
@@ -133,5 +141,6 @@ class IncrementalDetokenizer:
             return ""
         delta = window[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix = None
         self._text += delta
         return delta
