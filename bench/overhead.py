@@ -102,6 +102,11 @@ async def drive(executor, seqs: int, prompt: int, steps: int) -> None:
     from shard.sampler import SamplingParams
 
     cfg = ModelConfig.from_pretrained(CONFIG)
+    try:  # as a replica's process does once it is up (absent from revisions before it)
+        from cluster.engine import heap
+        heap.settle()
+    except ImportError:
+        pass
     blocks = seqs * -(-(prompt + steps + 2) // BLOCK)
     engine = Engine(executor, cfg, frozenset(), num_blocks=blocks, block_size=BLOCK, max_num_seqs=seqs,
                     max_tokens_per_step=seqs * prompt, step_timeout_s=600)

@@ -27,6 +27,7 @@ show that it still can (a health check's real forward pass, where a ping proves 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import dataclasses
 import itertools
@@ -113,7 +114,7 @@ class Engine:
         self.constrained_requests = 0
         self.mask_seconds = 0.0        # filling bitmasks, summed over the steps (the engine's share of a step)
         self._ids = itertools.count()
-        self._streams: dict[int, asyncio.Queue] = {}
+        self._streams: dict[int, _Stream] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -149,7 +150,7 @@ class Engine:
         except BaseException:
             self._matchers.pop(seq_id, None)
             raise
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = _Stream()
         self._streams[seq_id] = queue
         self._ensure_loop()
         self._wake.set()
@@ -324,3 +325,27 @@ async def probe(engine: Engine, timeout_s: float | None = None) -> None:
             pass
 
     await asyncio.wait_for(run(), engine.step_timeout_s if timeout_s is None else timeout_s)
+
+
+class _Stream:
+    """One request's updates in order, from the engine's loop to the request's task: what an
+    asyncio.Queue gives here, at about half its cost per item (no task accounting, no waiting
+    putters, at most one waiting getter), which every sequence pays on every step."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # done: the getter was cancelled
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()

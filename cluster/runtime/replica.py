@@ -19,6 +19,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
+from cluster.engine import heap
 from cluster.engine.engine import Engine
 from cluster.engine.grammar import Grammars
 from cluster.engine.request import checkpoint_eos_ids
@@ -144,6 +145,7 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
                             step_timeout_s=cfg.timeouts.step_s, name=name,
                             prefix_caching=cfg.kv_cache.prefix_caching, speculative=cfg.speculative,
                             grammars=Grammars(model_dir, model.vocab_size, checkpoint_eos_ids(model_dir)))
+    heap.settle()  # the engine's process is ready to serve: keep collections out of its steps
     return replica
 
 

@@ -14,6 +14,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from cluster.engine import heap
 from cluster.runtime.rendezvous import Rendezvous
 from shard.layout import Layout
 from shard.parallel import shutdown_parallel
@@ -69,6 +70,7 @@ class ShardActor:
                                   fp8_scaled_mm_min_rows=s.fp8_scaled_mm_min_rows)
         if s.layout.world_size > 1:
             dist.barrier(group=ctx.cpu_group)
+        heap.settle()  # weights loaded: keep collections out of the steps
         return {"rank": s.rank, "device": str(device), "seconds": time.monotonic() - start,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.worker.model.parameters())}
 

@@ -342,3 +342,25 @@ def test_a_stop_token_found_one_step_late_is_never_emitted(worker):
     stop_at = alone.index(alone[2])
     assert [t for t, _ in got] == alone[:stop_at + 1] and got[-1][1] == "stop"
     assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0
+
+
+def test_settling_the_heap_freezes_start_up_objects_and_spaces_collections():
+    """What a replica's and a shard's process do once they are up (`cluster.engine.heap`): what
+    start-up left is frozen out of every later collection, and the youngest generation is collected
+    every 50,000 allocations rather than 700, so a decode step of thousands of sequences meets one
+    collection, not dozens."""
+    import gc
+
+    from cluster.engine import heap
+
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        survivor = [object() for _ in range(1000)]
+        heap.settle()
+        assert gc.get_freeze_count() >= len(survivor)
+        assert gc.get_threshold() == (heap.GEN0_THRESHOLD, heap.GEN1_EVERY, heap.GEN2_EVERY)
+        assert not any(o is survivor for o in gc.get_objects())  # frozen objects are outside every generation
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
