@@ -121,7 +121,7 @@ class DecoderLayer(nn.Module):
 
     def _decode_kernels(self, h: torch.Tensor, meta: AttentionMetadata):
         """The CPU kernels, where this step can run each half of the layer as one call: float32 on
-        CPU, a decode-only step of at most `cpu_kernels.MAX_ROWS` sequences, shapes the kernels take."""
+        CPU, a step of at most `cpu_kernels.MAX_ROWS` decode rows and no prefill, shapes the kernels take."""
         a = self.self_attn
         if self.fp8 or not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or not cpu_kernels.attention_fits(
                 a.local_heads, a.head_dim):
@@ -135,8 +135,8 @@ class DecoderLayer(nn.Module):
         h = h.contiguous()
         attn = cpu_kernels.decode_attention_block(
             h, self.input_layernorm.weight, self.input_layernorm.eps, a.qkv_proj.weight, a.local_heads,
-            a.local_kv_heads, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.decode_ids, meta.block_tables,
-            meta.decode_kv_lens, a.scale, a.o_proj.weight, lib)
+            a.local_kv_heads, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.decode_token_index,
+            meta.decode_ids, meta.block_tables, meta.decode_kv_lens, a.scale, a.o_proj.weight, lib)
         h = h + a.ctx.all_reduce(attn)
         mlp = cpu_kernels.mlp_block(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
                                     m.gate_up_proj.weight, m.down_proj.weight, lib)

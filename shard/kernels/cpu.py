@@ -147,10 +147,11 @@ def paged_decode_attention(q: torch.Tensor, token_index: torch.Tensor, k_cache: 
 
 def decode_attention_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, heads: int,
                            kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_rows: torch.Tensor,
-                           block_tables: torch.Tensor, kv_len: torch.Tensor, scale: float, o_w: torch.Tensor,
-                           lib: ctypes.CDLL) -> torch.Tensor:
-    """The attention half of a decoder layer for a decode-only step, before the all-reduce and the
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, token_index: torch.Tensor,
+                           seq_index: torch.Tensor, block_tables: torch.Tensor, kv_len: torch.Tensor, scale: float,
+                           o_w: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """The attention half of a decoder layer for a step of decode rows only (row `token_index[d]` of h
+    is a query of sequence `seq_index[d]` over `kv_len[d]` keys), before the all-reduce and the
     residual: o_proj(attention(rope(qkv_proj(rms_norm(h))))); new keys and values go to the cache."""
     rows, hidden = h.shape
     head_dim = k_cache.shape[-1]
@@ -162,7 +163,7 @@ def decode_attention_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qk
     lib.caravan_decode_attention_block_f32(
         h.data_ptr(), rows, hidden, norm_w.data_ptr(), eps, qkv_w.data_ptr(), heads, kv_heads, head_dim,
         cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
-        seq_rows.data_ptr(), tables.data_ptr(), tables.stride(0), kv_len.data_ptr(), k_cache.shape[1], scale,
+        token_index.data_ptr(), seq_index.data_ptr(), tables.data_ptr(), tables.stride(0), kv_len.data_ptr(), k_cache.shape[1], scale,
         o_w.data_ptr(), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return out
 
@@ -207,7 +208,7 @@ def _load() -> ctypes.CDLL:
         "caravan_rope_f32": [p, i64, p, p, i64, i64, i64],
         "caravan_silu_mul_f32": [p, p, i64, i64, i32],
         "caravan_paged_decode_attention_f32": [p, i64, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
-        "caravan_decode_attention_block_f32": [p, i64, i64, p, f32, p, i64, i64, i64, p, p, p, p, p, p, p, i64, p,
+        "caravan_decode_attention_block_f32": [p, i64, i64, p, f32, p, i64, i64, i64, p, p, p, p, p, p, p, p, i64, p,
                                                i64, f32, p, p, p, i32],
         "caravan_mlp_block_f32": [p, i64, i64, p, f32, p, i64, p, p, p, i32],
     }

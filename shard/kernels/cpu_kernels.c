@@ -289,19 +289,20 @@ void caravan_paged_decode_attention_f32(const float *q, int64_t q_stride, const 
     }
 }
 
-/* The two halves of a decoder layer for a decode-only step (every sequence one new token, at most a
- * few rows), each one call from Python instead of a dozen operators. Outputs come before the
+/* The two halves of a decoder layer for a step of decode rows only (no prefill, at most a few rows),
+ * each one call from Python instead of a dozen operators. Outputs come before the
  * tensor-parallel all-reduce and without the residual, which the caller adds. Scratch memory is
  * the caller's: `scratch` holds rows * (hidden + (heads + 2 kv_heads + heads) * head_dim) floats for
  * the attention half and rows * (hidden + 3 inter) for the MLP half. */
 
 /* out = o_proj(attention(rope(qkv_proj(rms_norm(h))))), writing the new keys and values to the cache
- * at slot_mapping (sequence d is row d and row d of block_tables). */
+ * at slot_mapping; every row is a decode row: row t attends to kv_len[t] keys of the sequence in row
+ * seq_index[t] of block_tables (several rows may share a sequence: a speculative verification). */
 void caravan_decode_attention_block_f32(const float *h, int64_t rows, int64_t hidden, const float *norm_w,
                                         float eps, const float *qkv_w, int64_t heads, int64_t kv_heads,
                                         int64_t head_dim, const float *cos, const float *sin, float *k_cache,
-                                        float *v_cache, const int64_t *slot_mapping, const int64_t *seq_rows,
-                                        const int64_t *block_tables, int64_t table_stride, const int64_t *kv_len,
+                                        float *v_cache, const int64_t *slot_mapping, const int64_t *token_index,
+                                        const int64_t *seq_index, const int64_t *block_tables, int64_t table_stride, const int64_t *kv_len,
                                         int64_t block_size, float scale, const float *o_w, float *out,
                                         float *scratch, int32_t threads) {
     const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, kv_width = kv_heads * head_dim;
@@ -314,8 +315,8 @@ void caravan_decode_attention_block_f32(const float *h, int64_t rows, int64_t hi
         memcpy(v_cache + slot_mapping[t] * kv_width, qkv + t * qkv_width + (heads + kv_heads) * head_dim,
                kv_width * sizeof(float));
     }
-    caravan_paged_decode_attention_f32(qkv, qkv_width, seq_rows, k_cache, v_cache, block_tables, table_stride,
-                                       seq_rows, kv_len, rows, heads, kv_heads, head_dim, block_size, scale, attn,
+    caravan_paged_decode_attention_f32(qkv, qkv_width, token_index, k_cache, v_cache, block_tables, table_stride,
+                                       seq_index, kv_len, rows, heads, kv_heads, head_dim, block_size, scale, attn,
                                        threads);
     caravan_linear_f32(attn, o_w, out, rows, heads * head_dim, hidden, threads);
 }

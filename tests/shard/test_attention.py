@@ -78,13 +78,38 @@ def test_mixed_step_of_prefill_chunk_and_decodes(model):
 
 
 def test_metadata_slots_follow_block_tables():
-    meta = AttentionMetadata.build([3, 1], [0, 5], [[7, 2], [4, 9]], block_size=4)
-    # seq 0 tokens 0..2 -> block 7; seq 1 token at position 5 -> block 9, offset 1.
-    assert meta.slot_mapping.tolist() == [28, 29, 30, 37]
-    assert meta.prefill_ids == [0] and meta.decode_ids.tolist() == [1]
-    assert meta.decode_token_index.tolist() == [3]
-    # seq 1 sees 6 keys: positions 0..5 across its two blocks, padded to 8 and masked.
-    assert meta.decode_mask.flatten().tolist() == [True] * 6 + [False] * 2
+    # seq 0: a 10-token prefill (more than MAX_DECODE_ROWS); seq 1: a decode; seq 2: a 3-token chunk
+    # after 6 cached tokens (a verification), attended as three decode rows.
+    meta = AttentionMetadata.build([10, 1, 3], [0, 5, 6], [[7, 2, 3], [4, 9], [5, 6, 1]], block_size=4)
+    # seq 0 tokens 0..9 -> blocks 7, 2, 3; seq 1 position 5 -> block 9 offset 1; seq 2 positions 6..8 ->
+    # block 6 offsets 2, 3, then block 1 offset 0.
+    assert meta.slot_mapping.tolist() == [28, 29, 30, 31, 8, 9, 10, 11, 12, 13, 37, 26, 27, 4]
+    assert meta.prefill_ids == [0] and meta.decode_ids.tolist() == [1, 2, 2, 2]
+    assert meta.decode_token_index.tolist() == [10, 11, 12, 13]
+    # Row j of a chunk after c cached tokens sees c + j + 1 keys: the causal mask, row by row.
+    assert meta.decode_kv_lens.tolist() == [6, 7, 8, 9]
+    assert meta.decode_mask.flatten(1).tolist() == [[True] * n + [False] * (12 - n) for n in (6, 7, 8, 9)]
+    assert not meta.decode_only
+    assert AttentionMetadata.build([1, 3], [5, 6], [[4, 9], [5, 6, 1]], block_size=4).decode_only
+
+
+@pytest.mark.parametrize("as_rows", [True, False], ids=["decode-rows", "prefill-path"])
+def test_a_verification_chunk_gives_the_models_logits_at_every_row(model, monkeypatch, as_rows):
+    """A prompt, then a chunk of 5 tokens after it whose last 4 are a draft: the logits at each of the
+    5 rows are the unsharded model's after that prefix, whether the chunk is attended as decode rows
+    (the default, with the CPU kernels where they apply) or through the prefill path."""
+    worker, hf = model
+    if not as_rows:
+        monkeypatch.setattr(attention, "MAX_DECODE_ROWS", 0)
+    rng = random.Random(1)
+    prompt, chunk = [rng.randrange(3, 1003) for _ in range(11)], [rng.randrange(3, 1003) for _ in range(5)]
+    table = list(range(40, 48))
+    worker.execute(StepInput([SeqChunk(0, prompt, 0, table, None)]))
+    out = worker.execute(StepInput([SeqChunk(0, chunk, len(prompt), table, GREEDY, 1, num_draft=4)],
+                                   return_logits=True))
+    assert out.logits.shape[0] == 5
+    for row in range(5):
+        torch.testing.assert_close(out.logits[row], hf_next_logits(hf, prompt + chunk[:row + 1]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("ctx", [0, 7])
