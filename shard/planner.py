@@ -16,6 +16,11 @@ Speed: roofline floors from peak datasheet rates (shard/gpus.py), so every estim
   network where the next stage is on another node).
 - Decode floor: that sum for one sequence at `context` tokens.
 - Prefill floor: one prompt of `input` tokens through the stages in turn, each max(compute, weights).
+- With speculation (`Workload.draft_tokens` k at acceptance rate a, the chance that each draft token
+  is the target's): a verify step runs the 1 + k rows of one sequence through the stages (the weights
+  and the sequence's KV read once, the compute 1 + k times), and yields (1 - a^(k+1)) / (1 - a) tokens
+  on average (Leviathan et al. 2023, drafts accepted independently); the speculative decode floor is
+  the one over the other. A draft model's own cost is not counted (n-gram lookup has none).
 - Throughput: continuous batching at the largest batch B the KV cache holds at input + output tokens
   a sequence, split into PP micro-batches (one per stage, as the engine's lanes). Each request costs
   its prefill (amortised: stages work on different prompts at once, so the slowest stage bounds it)
@@ -138,6 +143,13 @@ class Workload:
     input_tokens: int = 1024
     output_tokens: int = 128
     context: int = 8192      # the sequence length the "sequences" column and the fit test count
+    draft_tokens: int = 0    # speculation: tokens proposed per verify step (0: none)
+    acceptance: float = 0.0  # speculation: the chance each proposed token is accepted
+
+    @property
+    def tokens_per_verify(self) -> float:
+        """Tokens a verify step yields on average: 1 + a + a^2 + ... + a^k."""
+        return sum(self.acceptance ** i for i in range(self.draft_tokens + 1))
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ class Estimate:
     requests_per_s: float    # whole cluster
     output_tokens_per_s: float
     measured: Measured | None = None   # the efficiencies applied, or None: roofline floors
+    speculative_decode_s: float | None = None  # per token, one sequence at `context`, with the workload's speculation
 
     @property
     def fits(self) -> bool:
@@ -200,17 +213,22 @@ def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, 
     over = max(p.weight_bytes + w.context * p.kv_bytes_per_token - usable for p in stages)
     hops = _network_hops(cluster, layout, replicas)
 
-    def stage_s(p: RankPlan, batch: int, context: float) -> float:
+    def stage_s(p: RankPlan, batch: int, context: float, rows: int = 1) -> float:
+        """`batch` sequences at `context` tokens, each with `rows` new tokens (1, or 1 + k to verify)."""
         read = (p.weight_bytes + batch * context * p.kv_bytes_per_token) / g.hbm_bytes_per_s
-        reduces = 2 * len(p.layers) * _all_reduce_s(g, layout.tp, batch * cfg.hidden_size)
-        efficiency = measured.decode_at(batch) if measured else 1.0
-        return max(read, batch * _flop_s(g, p)) / efficiency + reduces
+        reduces = 2 * len(p.layers) * _all_reduce_s(g, layout.tp, batch * rows * cfg.hidden_size)
+        efficiency = measured.decode_at(batch * rows) if measured else 1.0
+        return max(read, batch * rows * _flop_s(g, p)) / efficiency + reduces
 
     def hand_offs_s(batch: int) -> float:
         size = ACT_BYTES * batch * cfg.hidden_size
         return hops * size / g.internode_bytes_per_s + (layout.pp - 1 - hops) * size / g.nvlink_bytes_per_s
 
     decode = sum(stage_s(p, 1, w.context) for p in stages) + hand_offs_s(1)
+    speculative = None
+    if w.draft_tokens:
+        rows = 1 + w.draft_tokens
+        speculative = (sum(stage_s(p, 1, w.context, rows) for p in stages) + hand_offs_s(rows)) / w.tokens_per_verify
     prefill_efficiency = measured.prefill if measured and measured.prefill else 1.0
     prefill_stages = [max(w.input_tokens * _flop_s(g, p) / prefill_efficiency, p.weight_bytes / g.hbm_bytes_per_s)
                       + 2 * len(p.layers) * _all_reduce_s(g, layout.tp, w.input_tokens * cfg.hidden_size)
@@ -229,7 +247,7 @@ def estimate(cfg: ModelConfig, cluster: Cluster, layout: Layout, replicas: int, 
         per_request = max(prefill_stages) + w.output_tokens * cycle / running
         rate = replicas / per_request
     return Estimate(layout, replicas, max(p.weight_bytes for p in plans), over, kv_tokens,
-                    kv_tokens // w.context, decode, prefill, batch, rate, rate * w.output_tokens, measured)
+                    kv_tokens // w.context, decode, prefill, batch, rate, rate * w.output_tokens, measured, speculative)
 
 
 def _flop_s(g: GPU, p: RankPlan) -> float:
@@ -256,12 +274,14 @@ def format_ranking(cfg: ModelConfig, cluster: Cluster, workload: Workload, estim
              f"{RESERVE:.0%} reserved), {'fp8 + bf16' if cfg.quantization else 'bf16'} weights, bf16 KV cache; "
              f"workload {w.input_tokens}:{w.output_tokens} tokens, context {w.context}",
              f"{'#':>2}  {'layout':<19} {'weights GB':>10} {'KV tokens':>10} {'seqs':>6} {'decode ms':>9} "
-             f"{'prefill ms':>10} {'batch':>6} {'req/s':>7} {'out tok/s':>9} {'/GPU':>6}"]
+             + (f"{'spec ms':>8} " if w.draft_tokens else "")
+             + f"{'prefill ms':>10} {'batch':>6} {'req/s':>7} {'out tok/s':>9} {'/GPU':>6}"]
     for i, e in enumerate(estimates, 1):
         name = f"{e.layout} x {e.replicas}"
         head = f"{i:>2}  {name:<19} {e.weight_bytes / 1e9:>10.2f} "
         if e.fits:
-            lines.append(head + f"{e.kv_tokens:>10,} {e.sequences:>6,} {e.decode_s * 1e3:>9.1f} "
+            spec = f"{e.speculative_decode_s * 1e3:>8.1f} " if e.speculative_decode_s is not None else ""
+            lines.append(head + f"{e.kv_tokens:>10,} {e.sequences:>6,} {e.decode_s * 1e3:>9.1f} {spec}"
                                 f"{e.prefill_s * 1e3:>10.0f} {e.batch:>6,} {e.requests_per_s:>7.2f} "
                                 f"{e.output_tokens_per_s:>9,.0f} {e.output_tokens_per_s / e.gpus:>6.1f}")
         else:
@@ -276,6 +296,10 @@ def format_ranking(cfg: ModelConfig, cluster: Cluster, workload: Workload, estim
     lines.append(f"weights: largest rank; KV tokens, seqs (at {w.context} tokens) and batch (at "
                  f"{w.input_tokens + w.output_tokens}): per replica; decode: ms per token of one sequence; "
                  f"req/s and out tok/s: whole cluster (ranked by); the model: shard/planner.py")
+    if w.draft_tokens:
+        lines.append(f"spec: decode ms per token of one sequence with speculation, {w.draft_tokens} draft tokens a "
+                     f"verify step accepted at {w.acceptance:.0%} each: {w.tokens_per_verify:.2f} tokens a step "
+                     "(a draft model's own time not counted)")
     lines.append(measured_note(estimates[0].measured if estimates else None))
     if cfg.quantization:
         lines.append(FP8_RESIDENT_NOTE)
@@ -295,14 +319,16 @@ def ranking_json(cfg: ModelConfig, cluster: Cluster, workload: Workload, estimat
         "model": cfg.name, "gpu": cluster.gpu.name, "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
         "dtype": "fp8" if cfg.quantization else "bf16", "reserve_fraction": RESERVE,
         "workload": {"input_tokens": workload.input_tokens, "output_tokens": workload.output_tokens,
-                     "context": workload.context},
+                     "context": workload.context, "draft_tokens": workload.draft_tokens,
+                     "acceptance": workload.acceptance},
         "ranked_by": "output_tokens_per_s",
         "estimate": _measured_json(estimates[0].measured if estimates else None),
         "layouts": [{
             "tp": e.layout.tp, "pp": e.layout.pp, "replicas": e.replicas, "gpus": e.gpus, "fits": e.fits,
             "weight_bytes_per_gpu": e.weight_bytes, "over_bytes_per_gpu": max(0, e.over_bytes),
             "kv_tokens_per_replica": e.kv_tokens, "sequences_per_replica": e.sequences,
-            "decode_s_per_token": e.decode_s, "prefill_s": e.prefill_s, "batch_per_replica": e.batch,
+            "decode_s_per_token": e.decode_s, "speculative_decode_s_per_token": e.speculative_decode_s,
+            "prefill_s": e.prefill_s, "batch_per_replica": e.batch,
             "requests_per_s": e.requests_per_s, "output_tokens_per_s": e.output_tokens_per_s,
         } for e in estimates],
     }

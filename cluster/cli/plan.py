@@ -50,6 +50,10 @@ def add_parser(sub) -> None:
                       help="with --gpu: tokens of one sequence a layout must hold to fit, and count by (default 8192)")
     plan.add_argument("--workload", default=None, metavar="IN:OUT",
                       help="with --gpu: input and output tokens of a request, for the throughput (default 1024:128)")
+    plan.add_argument("--speculate", default=None, metavar="K:RATE",
+                      help="with --gpu: also the decode floor with speculative decoding, K draft tokens a verify "
+                           "step, each accepted with probability RATE, e.g. 4:0.7 (the replica metric "
+                           "caravan_speculative_acceptance_ratio measures it)")
     plan.add_argument("--json", action="store_true", help="with --gpu: print the ranking as one JSON object")
     plan.add_argument("--results", type=Path, default=None,
                       help="with --gpu: the folder of GPU bench results whose measured efficiencies the estimate "
@@ -62,7 +66,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         return _rank_layouts(args)
-    for flag in ("nodes", "gpus_per_node", "context", "workload", "json", "results"):
+    for flag in ("nodes", "gpus_per_node", "context", "workload", "speculate", "json", "results"):
         if getattr(args, flag) not in (None, False):
             raise ConfigError("--" + flag.replace("_", "-"), "needs --gpu (the cluster whose layouts to rank)",
                                    "command line")
@@ -101,7 +105,8 @@ def _rank_layouts(args: argparse.Namespace) -> int:
     parts = text.split(":")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise bad("--workload", f"got {text!r}; use INPUT:OUTPUT tokens of a request, both >= 1, e.g. 1024:128")
-    workload = Workload(int(parts[0]), int(parts[1]), context)
+    draft_tokens, acceptance = _speculation(args.speculate, bad)
+    workload = Workload(int(parts[0]), int(parts[1]), context, draft_tokens, acceptance)
 
     model = args.model if args.model is not None else checkpoint_dir(args)
     cfg = _plan_weights(ModelConfig.from_pretrained(model), args.dtype)
@@ -119,6 +124,21 @@ def _rank_layouts(args: argparse.Namespace) -> int:
     else:
         print(format_ranking(cfg, cluster, workload, ranked))
     return 0 if any(e.fits for e in ranked) else 1
+
+
+def _speculation(text: str | None, bad) -> tuple[int, float]:
+    """--speculate K:RATE as (draft tokens, acceptance rate); (0, 0.0) without it."""
+    if text is None:
+        return 0, 0.0
+    k, _, rate = text.partition(":")
+    try:
+        draft_tokens, acceptance = int(k), float(rate)
+    except ValueError:
+        draft_tokens, acceptance = 0, -1.0
+    if not 1 <= draft_tokens <= 16 or not 0 <= acceptance <= 1:
+        raise bad("--speculate", f"got {text!r}; use K:RATE, K draft tokens a step (1 to 16) and RATE the chance "
+                                 "each is accepted (0 to 1), e.g. 4:0.7")
+    return draft_tokens, acceptance
 
 
 def _plan_weights(cfg, dtype: str | None):

@@ -49,11 +49,14 @@ def test_rank_one_node_bf16_does_not_fit() -> None:
 
 def test_rank_one_node_fp8_json() -> None:
     result = caravan("plan", "--model", LLAMA_405B / "config.json", "--gpu", "h100-80gb", "--dtype", "fp8",
-                     "--tp", "8", "--workload", "1024:128", "--json")
+                     "--tp", "8", "--workload", "1024:128", "--speculate", "4:0.7", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["dtype"] == "fp8" and out["workload"] == {"input_tokens": 1024, "output_tokens": 128, "context": 8192}
+    assert out["dtype"] == "fp8" and out["workload"] == {"input_tokens": 1024, "output_tokens": 128, "context": 8192,
+                                                         "draft_tokens": 4, "acceptance": 0.7}
     (layout,) = out["layouts"]
+    # 2.77 tokens a verify step that costs a little more than a decode step
+    assert layout["decode_s_per_token"] / 2.77 < layout["speculative_decode_s_per_token"] < layout["decode_s_per_token"] / 2
     assert (layout["tp"], layout["pp"], layout["replicas"], layout["fits"]) == (8, 1, 1, True)
     assert layout["weight_bytes_per_gpu"] / 2**30 == pytest.approx(57.752, rel=0.05)
     assert layout["output_tokens_per_s"] == pytest.approx(128 * layout["requests_per_s"])
@@ -69,6 +72,10 @@ def test_rank_one_node_fp8_json() -> None:
     (["--nodes", "2"], ["--nodes", "needs --gpu"]),
     (["--gpu", "h200", "--results", "/nonexistent"], ["--results", "/nonexistent is not a folder"]),
     (["--results", "bench/results"], ["--results", "needs --gpu"]),
+    (["--gpu", "h200", "--speculate", "4"], ["--speculate", "got '4'", "K:RATE"]),
+    (["--gpu", "h200", "--speculate", "4:1.5"], ["--speculate", "got '4:1.5'", "0 to 1"]),
+    (["--gpu", "h200", "--speculate", "0:0.5"], ["--speculate", "1 to 16"]),
+    (["--speculate", "4:0.7"], ["--speculate", "needs --gpu"]),
 ])
 def test_rank_bad_flags(flags: list[str], fragments: list[str]) -> None:
     assert_user_error(caravan("plan", "--model", LLAMA_405B, *flags), "plan", *fragments)

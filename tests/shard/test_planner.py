@@ -235,3 +235,24 @@ def test_malformed_measurement_is_refused(tmp_path: Path, block: dict, field: st
     with pytest.raises(MeasurementError) as e:
         load_measured(tmp_path, H200, "bf16")
     assert str(path) in str(e.value) and f"efficiency.bf16.{field}" in str(e.value)
+
+
+def test_speculation_divides_a_verify_step_by_the_tokens_it_yields(cfg):
+    """A verify step of 1 + k rows reads the weights and the sequence's KV once, like a decode step, and
+    yields 1 + a + ... + a^k tokens: at acceptance 0 it is no faster than plain decoding, at 1 with
+    k = 4 nearly 5x faster (the extra rows' compute and all-reduces are not free)."""
+    cluster, lay = Cluster(gpu("h200"), 2, 8), Layout(8, 2)
+    plain = estimate(cfg, cluster, lay, 1, Workload())
+    assert plain.speculative_decode_s is None
+    never = estimate(cfg, cluster, lay, 1, Workload(draft_tokens=4, acceptance=0.0))
+    always = estimate(cfg, cluster, lay, 1, Workload(draft_tokens=4, acceptance=1.0))
+    typical = estimate(cfg, cluster, lay, 1, Workload(draft_tokens=4, acceptance=0.7))
+    assert Workload(draft_tokens=4, acceptance=0.7).tokens_per_verify == pytest.approx(1 + 0.7 + 0.49 + 0.343 + 0.2401)
+    assert never.speculative_decode_s >= plain.decode_s
+    assert plain.decode_s / 5 < always.speculative_decode_s < plain.decode_s / 4
+    assert always.speculative_decode_s < typical.speculative_decode_s < never.speculative_decode_s
+    assert (typical.decode_s, typical.output_tokens_per_s) == (plain.decode_s, plain.output_tokens_per_s)
+    text = format_ranking(cfg, cluster, Workload(draft_tokens=4, acceptance=0.7), [typical])
+    assert "spec ms" in text and f"{typical.speculative_decode_s * 1e3:8.1f}" in text and "2.77 tokens a step" in text
+    row = ranking_json(cfg, cluster, Workload(draft_tokens=4, acceptance=0.7), [typical])["layouts"][0]
+    assert row["speculative_decode_s_per_token"] == typical.speculative_decode_s
