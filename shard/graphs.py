@@ -2,12 +2,14 @@
 one from Python costs more than half the step (issue 11: 0.654 ms a layer eager, 0.274 ms replayed
 as a graph, for 405B's TP-8 layer at batch 1). So at start the stage's decode forward is captured
 once per batch-size bucket (1, 2, 4, then multiples of 8 up to the largest batch, as vLLM does);
-a step pads its batch up to the next bucket and replays that graph. Everything the step varies
+a step pads its rows up to the next bucket and replays that graph. A row is a decode, or one of
+the 1 + k tokens of a speculative verification (`shard.attention`'s decode rows), so verify steps
+replay the same graphs: a bucket of b rows serves b decodes, or b / (k + 1) verifications. Everything the step varies
 (token ids or hidden states, positions, cache slots, block tables, context lengths) lives in static
 buffers that are refilled before the replay, and nothing inside the captured region reads a
 device value on the host: the decode attention is the Triton kernel, bounded by the block table's
-width, not by the longest context. A batch above the largest bucket, a prefill, or a context past
-`max_context` runs eagerly.
+width, not by the longest context. Rows above the largest bucket, a prefill (a chunk of more than
+`MAX_DECODE_ROWS` tokens), or a context past `max_context` run eagerly.
 
 Padding rows decode token 0 at position 0 into a pad block that no sequence owns (the KV cache has
 one more block than the engine's), so they never touch a real sequence's cache.
@@ -24,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from shard.attention import AttentionMetadata, KVCache
+from shard.attention import MAX_DECODE_ROWS, AttentionMetadata, KVCache
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -147,28 +149,36 @@ class DecodeGraphRunner:
         return bucket_for(rows, self.buckets)
 
     def takes(self, query_lens: Sequence[int], context_lens: Sequence[int]) -> bool:
-        """Whether a step with these sequences replays a graph: decodes only, at most the largest
-        bucket of them, every context inside the block tables' width."""
-        return (0 < len(query_lens) <= self.buckets[-1] and all(q == 1 for q in query_lens)
-                and max(context_lens) < self.max_context)
+        """Whether a step with these sequences replays a graph: every new token a decode row (a
+        decode, or a verification's 1 + k tokens: at most `MAX_DECODE_ROWS` a sequence), at most the
+        largest bucket of rows, every sequence's keys inside the block tables' width."""
+        return (0 < sum(query_lens) <= self.buckets[-1] and max(query_lens) <= MAX_DECODE_ROWS
+                and all(c + q <= self.max_context for c, q in zip(context_lens, query_lens)))
 
-    def run(self, x: torch.Tensor, context_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The stage's output for a decode step that `takes` accepts: x is [n] token ids (first
-        stage) or [n, hidden]; returns the output rows of the n real sequences (logits on the last
-        stage, hidden states elsewhere)."""
-        n = len(context_lens)
+    def run(self, x: torch.Tensor, context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+            query_lens: Sequence[int] | None = None) -> torch.Tensor:
+        """The stage's output for a step that `takes` accepts (`query_lens`: new tokens a sequence, 1
+        each by default): x is [n] token ids (first stage) or [n, hidden] for its n rows, packed by
+        sequence; returns those n rows' output (logits on the last stage, hidden states elsewhere).
+        Row j of a sequence after c cached tokens is position c + j, over c + j + 1 keys: the rows of
+        one sequence share its block table."""
+        counts = torch.as_tensor(query_lens if query_lens is not None else [1] * len(context_lens), dtype=torch.int64)
+        n = int(counts.sum())
         b = self.bucket(n)
         assert b is not None and x.shape[0] == n
         bs = self.block_size
-        table = torch.zeros(n, self.width, dtype=torch.int64)
+        table = torch.zeros(len(context_lens), self.width, dtype=torch.int64)
         for i, t in enumerate(block_tables):
             table[i, :len(t)] = torch.as_tensor(t[:self.width], dtype=torch.int64)
-        ctx = torch.as_tensor(context_lens, dtype=torch.int64)
-        slots = table.gather(1, (ctx // bs)[:, None])[:, 0] * bs + ctx % bs
+        seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        first_row = torch.cumsum(counts, 0) - counts
+        pos = torch.as_tensor(context_lens, dtype=torch.int64)[seq] + torch.arange(n) - first_row[seq]
+        table = table[seq]
+        slots = table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
         self.x[:n].copy_(x, non_blocking=True)
-        self.positions[:n].copy_(ctx, non_blocking=True)
+        self.positions[:n].copy_(pos, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
         self.tables[:n].copy_(table, non_blocking=True)
-        self.kv_lens[:n].copy_(ctx + 1, non_blocking=True)
+        self.kv_lens[:n].copy_(pos + 1, non_blocking=True)
         self._pad_rows(n, b)
         return self.graphs[b]()[:n]

@@ -14,6 +14,7 @@ KV cache then holds one more block than `num_blocks`, for the graphs' padding ro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,23 +116,21 @@ class ShardWorker:
         wanted = [i for i, s in enumerate(seqs) if s.params is not None]
         size = self.cache.block_size
         tables = [s.block_table[:-(-(s.context_len + len(s.token_ids)) // size)] for s in seqs]
-        if self.graphs is not None and self.graphs.takes(query_lens, contexts):
-            if self.ctx.is_first_stage:
-                x = torch.tensor([s.token_ids[0] for s in seqs])
-            else:
-                x = self.ctx.recv_prev((len(seqs), self.cfg.hidden_size), self.model.dtype)
-            out = self.graphs.run(x, contexts, tables)
-            return self._finish(step, out if not self.ctx.is_last_stage else out[wanted], wanted)
+        ends = list(itertools.accumulate(query_lens))
+        # The last row of each sampled chunk, and the num_draft rows before it for a chunk to verify.
+        rows = torch.tensor([ends[i] - 1 - d for i in wanted for d in range(seqs[i].num_draft, -1, -1)],
+                            dtype=torch.int64, device=device)
+        graphed = self.graphs is not None and self.graphs.takes(query_lens, contexts)
+        if self.ctx.is_first_stage:
+            x = torch.tensor([t for s in seqs for t in s.token_ids], device=None if graphed else device)
+        else:
+            x = self.ctx.recv_prev((ends[-1], self.cfg.hidden_size), self.model.dtype)
+        if graphed:  # decodes and verifications, as decode rows
+            out = self.graphs.run(x, contexts, tables, query_lens)
+            return self._finish(step, out if not self.ctx.is_last_stage else out[rows], wanted)
         meta = AttentionMetadata.build(query_lens, contexts, tables, size, device)
         positions = torch.tensor([p for s in seqs for p in range(s.context_len, s.context_len + len(s.token_ids))],
                                  device=device)
-        if self.ctx.is_first_stage:
-            x = torch.tensor([t for s in seqs for t in s.token_ids], device=device)
-        else:
-            x = self.ctx.recv_prev((len(positions), self.cfg.hidden_size), self.model.dtype)
-        # The last row of each sampled chunk, and the num_draft rows before it for a chunk to verify.
-        rows = torch.tensor([meta.starts[i] + query_lens[i] - 1 - d for i in wanted
-                             for d in range(seqs[i].num_draft, -1, -1)], dtype=torch.int64, device=device)
         return self._finish(step, self.model(x, positions, meta, self.cache, logit_rows=rows), wanted)
 
     def _finish(self, step: StepInput, out: torch.Tensor, wanted: list[int]) -> StepOutput | None:

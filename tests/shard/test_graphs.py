@@ -94,11 +94,11 @@ def test_decodes_replay_padded_to_their_bucket_and_the_rest_runs_eagerly(workers
         tokens = step_both(workers, [SeqChunk(s, [tokens[s]], lens[s] + i, tables[s], GREEDY, i + 1) for s in range(3)])
     assert backend.replays[replays:] == [4, 4]
 
-    # A decode beside a prefill: eager. One decode alone: the bucket of 1.
+    # A short prompt beside a decode: 1 + 3 decode rows, the bucket of 4. One decode alone: the bucket of 1.
     tokens |= step_both(workers, [SeqChunk(0, [tokens[0]], lens[0] + 2, tables[0], GREEDY, 3),
                                   SeqChunk(3, prompts[3], 0, tables[3], GREEDY)])
     step_both(workers, [SeqChunk(3, [tokens[3]], len(prompts[3]), tables[3], GREEDY, 1)])
-    assert backend.replays[replays + 2:] == [1]
+    assert backend.replays[replays + 2:] == [4, 1]
 
     # Five decodes (above the largest bucket, 4): eager.
     for s in (4, 5):
@@ -111,9 +111,26 @@ def test_decodes_replay_padded_to_their_bucket_and_the_rest_runs_eagerly(workers
 
 def test_a_context_past_the_graphs_width_decodes_eagerly(workers):
     graphed, _, backend = workers
-    assert not graphed.graphs.takes([1, 1], [3, graphed.graphs.max_context])
-    assert graphed.graphs.takes([1, 1], [3, graphed.graphs.max_context - 1])
-    assert not graphed.graphs.takes([1, 2], [3, 4]) and not graphed.graphs.takes([], [])
+    width = graphed.graphs.max_context
+    assert not graphed.graphs.takes([1, 1], [3, width])
+    assert graphed.graphs.takes([1, 1], [3, width - 1])
+    assert graphed.graphs.takes([1, 2], [3, width - 2]) and not graphed.graphs.takes([1, 2], [3, width - 1])
+    assert not graphed.graphs.takes([1, 4], [3, 4])  # 5 rows: above the largest bucket, 4
+    assert not graphed.graphs.takes([9], [3]) and not graphed.graphs.takes([], [])  # a prefill; nothing
+
+
+def test_verifications_replay_the_decode_graphs_row_by_row(workers):
+    """A speculative verification (the last token and 2 drafts, 3 rows) beside a decode fills the
+    bucket of 4 rows; the logits at every row and the samples equal the eager step's."""
+    graphed, _, backend = workers
+    tables = {s: [24 + 4 * s + j for j in range(4)] for s in (0, 1)}   # blocks no other test uses
+    prompts = {0: [5, 9, 14, 3, 8], 1: [6, 2, 12]}
+    tokens = step_both(workers, [SeqChunk(s, p, 0, tables[s], GREEDY) for s, p in prompts.items()])
+    before = len(backend.replays)
+    draft = [tokens[0], 21, 30]
+    step_both(workers, [SeqChunk(0, draft, len(prompts[0]), tables[0], GREEDY, 1, num_draft=2),
+                        SeqChunk(1, [tokens[1]], len(prompts[1]), tables[1], GREEDY, 1)])
+    assert backend.replays[before:] == [4]
 
 
 def test_cuda_graphs_on_a_cpu_device_change_nothing(tmp_path):
