@@ -565,18 +565,19 @@ def test_drain_finishes_in_flight_work_and_refuses_new(smollm2_dir, tmp_path):
     backend.reports = [stub_info("a", stub_stats())]
     rt = RouterThread(_stub_router(smollm2_dir, tmp_path, backend))
     c = Clients.of(rt.channel(), rt.router)
-    c.wait_health(SERVING, timeout_s=2)
-    in_flight = c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+    c.wait_health(SERVING, timeout_s=10)
+    # Bounds far above the work (a loaded CI machine stalled this test past 5 s once).
+    in_flight = c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=60)
     while rt.router.in_flight == 0:
         time.sleep(0.01)
-    assert c.admin.Drain(apb.DrainRequest(grace_period_s=5), metadata=c.admin_auth).in_flight == 1
-    c.wait_health(NOT_SERVING, timeout_s=2)
+    assert c.admin.Drain(apb.DrainRequest(grace_period_s=60), metadata=c.admin_auth).in_flight == 1
+    c.wait_health(NOT_SERVING, timeout_s=10)
     with pytest.raises(grpc.RpcError) as e:
         list(c.inference.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
     rt.loop.call_soon_threadsafe(backend.release.set)
     assert [r.token_ids[0] for r in in_flight] == [72]  # the request in flight still finished
-    rt.call(rt.router.stopped.wait(), timeout_s=5)
+    rt.call(rt.router.stopped.wait(), timeout_s=30)
     rt.close()
 
 
