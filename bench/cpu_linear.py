@@ -1,6 +1,7 @@
-"""The linear layers of one decode step on CPU, three ways: Caravan's kernel (shard/kernels/cpu_kernels.c),
-MKL's GEMM as (W @ x.T).T, and F.linear (addmm). Same weights, same process, alternating rounds;
-prints the best round of each and the kernel's speedup, per batch size.
+"""The linear layers of one step on CPU, four ways: Caravan's kernel (shard/kernels/cpu_kernels.c),
+MKL's GEMM as (W @ x.T).T, F.linear (addmm), and oneDNN on a weight prepacked once
+(`shard.kernels.onednn`, as vLLM's CPU backend does). Same weights, same process, alternating
+rounds; prints the best round of each per batch size, and which is fastest.
 
     python bench/cpu_linear.py                     # SmolLM2-135M's shapes (every layer + LM head), 2 threads
     python bench/cpu_linear.py --rows 1 4 16 --rounds 9
@@ -9,7 +10,9 @@ prints the best round of each and the kernel's speedup, per batch size.
 from __future__ import annotations
 
 import argparse
+import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,41 +21,60 @@ import torch.nn.functional as F
 SHAPES = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49152, 576, 1)]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for the header of a benchmark's output."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
     from shard.kernels import cpu as cpu_kernels
+    from shard.kernels import onednn
 
     torch.set_num_threads(args.threads)
     lib = cpu_kernels.library()
     if lib is None:
         raise SystemExit(f"CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
+    if not onednn.available():
+        raise SystemExit(f"prepacked oneDNN linear unavailable: {onednn.why_unavailable()}")
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(o, i, generator=gen) for o, i, n in SHAPES for _ in range(n)]
+    packed = [onednn.prepack(w) for w in weights]
     nbytes = sum(w.numel() * 4 for w in weights)
     ways = {
-        "kernel": lambda x, w: cpu_kernels.linear(x, w, lib),
-        "MKL (W@x.T).T": lambda x, w: (w @ x.T).T.contiguous(),
-        "F.linear": lambda x, w: F.linear(x, w),
+        "kernel": lambda x, i: cpu_kernels.linear(x, weights[i], lib),
+        "MKL": lambda x, i: (weights[i] @ x.T).T.contiguous(),
+        "F.linear": lambda x, i: F.linear(x, weights[i]),
+        "oneDNN": lambda x, i: onednn.linear(x, packed[i]),
     }
-    print(f"{len(weights)} weights, {nbytes / 1e6:.0f} MB, {args.threads} threads; best of {args.rounds} rounds")
+    print(f"{cpu_model()}, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{args.threads} threads")
+    print(f"{len(weights)} weights, {nbytes / 1e6:.0f} MB; ms per step's linears, best of {args.rounds} rounds; "
+          f"MKL is (W@x.T).T, oneDNN prepacked once (batch hint {onednn.BATCH_HINT})")
+    print(f"{'rows':>5} " + " ".join(f"{name:>9}" for name in ways) + "   fastest  oneDNN vs F.linear, vs best other")
     for rows in args.rows:
         inputs = [torch.randn(rows, w.shape[1], generator=gen) for w in weights]
         best = {name: float("inf") for name in ways}
         for _ in range(args.rounds):
             for name, fn in ways.items():
                 start = time.perf_counter()
-                for x, w in zip(inputs, weights):
-                    fn(x, w)
+                for i, x in enumerate(inputs):
+                    fn(x, i)
                 best[name] = min(best[name], time.perf_counter() - start)
-        k = best["kernel"]
-        cells = "   ".join(f"{name} {t * 1e3:6.1f} ms" for name, t in best.items())
-        print(f"rows {rows:>3}: {cells}   kernel {best['MKL (W@x.T).T'] / k:.2f}x MKL, {best['F.linear'] / k:.2f}x "
-              f"F.linear; weights at {nbytes / k / 1e9:.1f} GB/s")
+        fastest = min(best, key=best.get)
+        other = min(t for name, t in best.items() if name != "oneDNN")
+        print(f"{rows:>5} " + " ".join(f"{t * 1e3:9.1f}" for t in best.values()) +
+              f"   {fastest:<8} {best['F.linear'] / best['oneDNN']:5.2f}x {other / best['oneDNN']:14.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ with batches in flight against a single stage.
    against PP 1, in alternating rounds (the machine is noisy). Prints each round's throughput
    ratio and their median (the ideal is 2; bench/pp_ceiling.py shows what the stages alone reach).
 
-    python bench/engine.py                  # both; --skip-peers or --skip-pp for one
+    python bench/engine.py                  # both; --skip-peers: Caravan's rows of 1 only; --skip-pp: 1 only
     python bench/engine.py --skip-peers --pp-rounds 3
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_linear import cpu_model  # noqa: E402
 from peers import Result, run_transformers, run_vllm  # noqa: E402
 from workload import Workload, make_prompts  # noqa: E402
 
@@ -127,14 +128,15 @@ def main() -> None:
     model_dir = ensure_demo_model()
     prompts = make_prompts(model_dir, w.requests, w.prompt_len)
     print(f"workload: {w.requests} requests, prompt {w.prompt_len}, {w.new_tokens} new tokens, "
-          f"{model_dir.name} fp32, {w.threads} threads")
+          f"{model_dir.name} fp32, {w.threads} threads; {cpu_model()}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
+    ours = run_caravan(model_dir, prompts, w.new_tokens, w.threads)
+    actor = run_caravan_actor(model_dir, prompts, w.new_tokens, w.threads)
+    print(f"  caravan engine        {ours.tok_per_s:7.1f} tok/s ({ours.tokens} tokens in {ours.seconds:.1f} s; "
+          f"shard in this process)")
+    print(f"  caravan engine        {actor.tok_per_s:7.1f} tok/s ({actor.tokens} tokens in {actor.seconds:.1f} s; "
+          f"shard in a Ray actor, as served)", flush=True)
     if not args.skip_peers:
-        ours = run_caravan(model_dir, prompts, w.new_tokens, w.threads)
-        actor = run_caravan_actor(model_dir, prompts, w.new_tokens, w.threads)
-        print(f"  caravan engine        {ours.tok_per_s:7.1f} tok/s ({ours.tokens} tokens in {ours.seconds:.1f} s; "
-              f"shard in this process)")
-        print(f"  caravan engine        {actor.tok_per_s:7.1f} tok/s ({actor.tokens} tokens in {actor.seconds:.1f} s; "
-              f"shard in a Ray actor, as served)")
         for peer in (run_transformers(model_dir, prompts, w.new_tokens, w.threads),
                      run_vllm(model_dir, prompts, w.new_tokens, w.threads)):
             if peer is not None:

@@ -19,27 +19,56 @@ from torch import nn
 from shard import kernels
 from shard.kernels import cpu as cpu_kernels
 from shard.kernels import fp8 as fp8_gemm
+from shard.kernels import onednn
 from shard.config import RopeScaling
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           fp8: fp8_gemm.FP8Gemm | None = None) -> torch.Tensor:
+           fp8: fp8_gemm.FP8Gemm | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T; with `fp8`, weight is FP8 and its real value `weight * scale` (float32 [out, 1]),
-    multiplied by the FP8 GEMM `fp8` chooses for x's rows (`shard.kernels.fp8`). On CPU the rows of
-    a decode step take faster paths than F.linear's addmm: up to 128 rows in float32, the
-    hand-written kernel of `shard.kernels.cpu` (it streams the weight at near the memory bandwidth,
-    where MKL reaches about half); without it, up to 256 rows, MKL's GEMM as (weight @ x.T).T, up
-    to 2x faster than addmm at 16 rows. GPUs and long prefills take the plain path.
-    `bench/cpu_linear.py` measures the three."""
+    multiplied by the FP8 GEMM `fp8` chooses for x's rows (`shard.kernels.fp8`). On CPU, by rows, the
+    fastest path `bench/cpu_linear.py` measured (all of SmolLM2-135M's linears, 2 threads, an AMD
+    EPYC with AVX2 and no AVX-512, quiet machine):
+
+    - up to 128 rows in float32, the hand-written kernel of `shard.kernels.cpu` (it streams the
+      weight at near the memory bandwidth, where MKL reaches about half): 1.1x to 1.6x faster
+      than oneDNN on a prepacked weight at 1 to 32 rows, level at 64 and 128 (1.02x, 0.94x);
+    - else, with `packed` (the weight prepacked at load, `prepack`): oneDNN, 1.0x to 1.5x faster
+      than the better of MKL and addmm at every rows up to 256 (1.48x at 1, 1.01x at 4, 1.13x to
+      1.29x at 8 to 256), level with addmm at 512 (0.98x);
+    - else, up to 256 rows, MKL's GEMM as (weight @ x.T).T, up to 2x faster than addmm at 16 rows.
+
+    GPUs and long prefills without a packed weight take the plain path."""
     if fp8 is not None:
         return fp8_gemm.linear(x, weight, scale, fp8)
     if x.device.type == "cpu":
         rows = x.shape[0]
-        if rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.float32 and (lib := cpu_kernels.for_tensor(x)):
+        if (rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.float32 and not onednn.is_packed(weight)
+                and (lib := cpu_kernels.for_tensor(x))):
             return cpu_kernels.linear(x, weight, lib)
+        if packed is not None:
+            return onednn.linear(x, packed)
         if 1 < rows <= 256:
             return (weight @ x.T).T.contiguous()
     return F.linear(x, weight)
+
+
+def prepack(layer: nn.Module, *, keep_plain: bool) -> int:
+    """Gives `layer` (a linear, or the LM head) oneDNN's copy of its weight in `layer.packed`, where
+    `onednn.enabled` says so for the weight on CPU; returns the bytes the copy adds.
+    `keep_plain`: whether some path still reads the plain weight (the decode kernels at up to 128
+    rows in float32; the embedding, for a tied LM head); then the copy sits beside it, doubling the
+    weight's memory. Otherwise it replaces it: `layer.weight` becomes the packed tensor, so that
+    weights can no longer be loaded into it (a shard that reloads builds its model anew)."""
+    w = layer.weight
+    if w.device.type != "cpu" or not onednn.enabled(w.dtype, beside=keep_plain):
+        layer.packed = None
+        return 0
+    layer.packed = onednn.prepack(w)
+    if keep_plain:
+        return w.numel() * w.element_size()
+    layer.weight = nn.Parameter(layer.packed, requires_grad=False)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -88,9 +117,10 @@ class ColumnParallelLinear(nn.Module):
         self.out_sizes = [p.length for p in parts]
         self.fp8 = fp8
         self.weight, self.weight_scale = fp8_weights(sum(self.out_sizes), in_features, dtype, device, fp8)
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of `weight` (`prepack`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.weight_scale, self.fp8)
+        return linear(x, self.weight, self.weight_scale, self.fp8, self.packed)
 
     def checkpoint_slices(self, names: Sequence[str]) -> list[TensorSlice]:
         assert len(names) == len(self.parts)
@@ -113,9 +143,10 @@ class RowParallelLinear(nn.Module):
         self.out_features = out_features
         self.fp8 = fp8
         self.weight, self.weight_scale = fp8_weights(out_features, self.part.length, dtype, device, fp8)
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of `weight` (`prepack`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.weight_scale, self.fp8)
+        return linear(x, self.weight, self.weight_scale, self.fp8, self.packed)
 
     def checkpoint_slices(self, name: str) -> list[TensorSlice]:
         return [TensorSlice(name, (self.out_features, self.part.rows), 1, self.part.start, self.part.length)]
@@ -146,6 +177,7 @@ class VocabParallel(nn.Module):
         self.length = min(self.rows, vocab_size - self.start)
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size, dtype=dtype, device=device),
                                    requires_grad=False)
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of `weight`, for `logits` (`prepack`)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden]; rows of other ranks' ids are zero (the caller all-reduces)."""
@@ -158,7 +190,7 @@ class VocabParallel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, rows] local logits (the caller gathers and trims the padding)."""
-        return linear(h, self.weight)
+        return linear(h, self.weight, packed=self.packed)
 
     def checkpoint_slices(self, name: str) -> list[TensorSlice]:
         if self.length == 0:

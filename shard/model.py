@@ -15,7 +15,7 @@ from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
 from shard.kernels.fp8 import FP8Gemm
 from shard.layers import (ColumnParallelLinear, Part, RMSNorm, RotaryEmbedding, RowParallelLinear, TensorSlice,
-                          VocabParallel, apply_rotary_, split)
+                          VocabParallel, apply_rotary_, prepack, split)
 from shard.layout import check_layout, model_stage_layers
 from shard.parallel import ParallelContext
 
@@ -180,6 +180,18 @@ class LlamaStage(nn.Module):
             else:
                 self.lm_head = VocabParallel(cfg.vocab_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
+
+    def prepack_linears(self) -> int:
+        """Prepacks the linears' weights and the LM head's for oneDNN where `shard.kernels.onednn` is
+        on (see `shard.layers.prepack`); once, after loading. Returns the bytes the copies add: none
+        where they replace the plain weights; the linears' whole weight where the decode kernels
+        still read those (float32 with the CPU kernels, the default on x86-64)."""
+        kernels_read = self.dtype == torch.float32 and cpu_kernels.library() is not None
+        linears = [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        nbytes = sum(prepack(m, keep_plain=kernels_read) for m in linears)
+        if self.lm_head is not None:
+            nbytes += prepack(self.lm_head, keep_plain=kernels_read or self.lm_head is self.embed_tokens)
+        return nbytes
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(len(self.layers), num_blocks, block_size, kv_heads_per_rank(self.cfg, self.ctx.tp_size),

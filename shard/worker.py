@@ -86,6 +86,7 @@ class ShardWorker:
                 self.cfg.quantization, scaled_mm_min_rows=fp8_scaled_mm_min_rows))
         self.model = LlamaStage(self.cfg, ctx, dtype, ctx.device)
         self.load_report: LoadReport = load_weights(self.model, Checkpoint.open(model_dir), progress=progress)
+        self.packed_bytes = self.model.prepack_linears()  # on CPU, where shard.kernels.onednn is on
         use_graphs = graph_backend is not None or (cuda_graphs and torch.device(ctx.device).type == "cuda")
         self.cache = self.model.new_kv_cache(num_blocks + use_graphs, block_size)
         self.graphs: DecodeGraphRunner | None = None

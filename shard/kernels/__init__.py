@@ -4,6 +4,8 @@ and dtype:
 - `cpu` (`cpu_kernels.c` and its loader): float32 on x86-64 CPUs with AVX2 and FMA; the whole
   decode layer in two calls. `CARAVAN_CPU_KERNELS` (see `shard.kernels.cpu`) turns them off.
 - `triton`: CUDA, any float dtype; the small operators around the GEMMs (`TRITON_OPS`).
+- `onednn`: CPU linears on weights prepacked once for oneDNN; `shard.layers.linear` chooses it by
+  rows, `CARAVAN_ONEDNN_LINEAR` (see `shard.kernels.onednn`) where weights are prepacked.
 - Other backends (an FP8 GEMM, say) are modules beside these, chosen here the same way.
 
 Callers ask `cpu_lib(x)` or `triton_for(x, op)` and take the PyTorch path on None. Everything
