@@ -6,7 +6,10 @@ correct its typos, quote the sentences about something, turn it into a list), gr
 engine over one in-process shard (TP 1 x PP 1), and the outputs must be the same token for token.
 
 1. Batch 1: the requests one after another. Prints tokens/s of each mode, their ratio, and the
-   acceptance rate and mean accepted length of the speculative run.
+   acceptance rate and mean accepted length of the speculative run. Then, in the same run, llama.cpp
+   on the same token ids (an f32 GGUF of the same weights, the same threads, `bench/peers.py`), plain
+   and with its own prompt lookup decoding, and Caravan's ratio to each; skipped with a note when its
+   virtualenv is missing (`--llamacpp-python`, see `bench/peers.py`).
 2. `--concurrent` requests at once (default 32), the same prompts repeated: tokens/s and the ratio.
 
     python bench/speculative.py                   # both; --rounds 3 alternates the modes 3 times
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import run_llamacpp  # noqa: E402
 from workload import TEXT  # noqa: E402
 
 from cluster.api.tokenizer import Tokenizer  # noqa: E402
@@ -87,8 +91,9 @@ def measure(worker, eos, blocks, prompts, params, spec, concurrent):
     return asyncio.run(go())
 
 
-def compare(name, worker, eos, blocks, prompts, params, spec, concurrent, rounds) -> float:
-    ratios = []
+def compare(name, worker, eos, blocks, prompts, params, spec, concurrent, rounds):
+    """Prints each round and the median ratio; returns the plain outputs and both modes' tok/s of each round."""
+    ratios, rates = [], {"plain": [], "speculative": []}
     for r in range(rounds):
         plain, t_plain, _ = measure(worker, eos, blocks, prompts, params, None, concurrent)
         fast, t_fast, s = measure(worker, eos, blocks, prompts, params, spec, concurrent)
@@ -97,15 +102,36 @@ def compare(name, worker, eos, blocks, prompts, params, spec, concurrent, rounds
             raise SystemExit(f"{name}: request {bad} differs with speculation: {plain[bad]} vs {fast[bad]}")
         tokens = sum(map(len, plain))
         ratios.append(t_plain / t_fast)
+        rates["plain"].append(tokens / t_plain)
+        rates["speculative"].append(tokens / t_fast)
         rate = s.spec_accepted / s.spec_proposed if s.spec_proposed else 0.0
         mean_len = s.spec_emitted / s.spec_steps if s.spec_steps else 0.0
         print(f"{name} round {r + 1}: {tokens} tokens, plain {tokens / t_plain:7.1f} tok/s, speculative "
               f"{tokens / t_fast:7.1f} tok/s, ratio {ratios[-1]:.2f}x; acceptance {rate:.2f} "
               f"({s.spec_accepted}/{s.spec_proposed}), mean accepted length {mean_len:.2f} over {s.spec_steps} "
               f"verify steps", flush=True)
-    median = statistics.median(ratios)
-    print(f"{name}: median ratio {median:.2f}x (same outputs token for token)", flush=True)
-    return median
+    print(f"{name}: median ratio {statistics.median(ratios):.2f}x (same outputs token for token)", flush=True)
+    return plain, rates
+
+
+def llamacpp(prompts, max_tokens, threads, lookup, rounds, caravan, caravan_outputs, python) -> None:
+    """llama.cpp plain and with its prompt lookup decoding, alternating, `rounds` times each; then the medians of
+    Caravan's two modes over llama.cpp's two."""
+    rates = {}
+    for r in range(rounds):
+        for draft in (0, lookup):
+            res = run_llamacpp(prompts, max_tokens, threads, lookup=draft, python=python)
+            if res is None:
+                return
+            same = sum(a == b for a, b in zip(res.outputs, caravan_outputs))
+            rates.setdefault(res.system, []).append(res.tok_per_s)
+            print(f"batch 1 round {r + 1}: {res.system} {res.tokens} tokens, {res.tok_per_s:7.1f} tok/s; "
+                  f"{same}/{len(prompts)} requests token for token as Caravan's", flush=True)
+    medians = {name: statistics.median(v) for name, v in (*caravan.items(), *rates.items())}
+    for peer in rates:
+        print(f"batch 1 vs {peer} ({medians[peer]:.1f} tok/s median): Caravan plain "
+              f"{medians['plain'] / medians[peer]:.2f}x, speculative {medians['speculative'] / medians[peer]:.2f}x",
+              flush=True)
 
 
 def main() -> None:
@@ -118,6 +144,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=SpeculativeSection.max_batch)
     ap.add_argument("--only", choices=("batch1", "concurrent"))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--llamacpp-python", help="llama.cpp virtualenv's python (default: see bench/peers.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = ensure_demo_model()
@@ -134,7 +161,9 @@ def main() -> None:
           f"(prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens), greedy, max_tokens {max_tokens}; "
           f"speculative: {spec}", flush=True)
     if args.only != "concurrent":
-        compare("batch 1", worker, tok.eos_token_ids, blocks, prompts, params, spec, False, args.rounds)
+        outputs, rates = compare("batch 1", worker, tok.eos_token_ids, blocks, prompts, params, spec, False,
+                                 args.rounds)  # fmt: skip
+        llamacpp(prompts, max_tokens, args.threads, args.num_tokens, args.rounds, rates, outputs, args.llamacpp_python)
     if args.only != "batch1":
         compare(f"{len(many)} concurrent", worker, tok.eos_token_ids, blocks, many, params, spec, True, args.rounds)
 
