@@ -20,7 +20,8 @@ scheduler:
   max_num_seqs: 64            # sequences in one step
   max_tokens_per_step: 512    # token budget of one step: decodes (1 each) + prefill chunks; >= max_num_seqs
 speculative:                  # several tokens per step, the output unchanged (cluster/engine/speculative.py)
-  method: null                # null: off; ngram: the draft is what followed the last tokens earlier on
+  method: null                # null: off; ngram: what followed the last tokens earlier on; draft: draft_model's
+  draft_model: null           # a smaller checkpoint sharing the model's tokenizer (405B: Llama 3.2 1B), beside shard 0
   num_tokens: 4               # tokens proposed per step
   ngram: 3                    # the last 3 tokens are looked up among the earlier ones, else the last 2, ...
   max_batch: 8                # a lane running more sequences does not speculate (compute-bound steps)
@@ -182,7 +183,8 @@ class SchedulerSection:
 
 @dataclass(frozen=True)
 class SpeculativeSection:
-    method: str | None = _rule(None, _one_of(("ngram",)))
+    method: str | None = _rule(None, _one_of(("ngram", "draft")))
+    draft_model: str | None = _rule(None, _NOT_EMPTY, _path)
     num_tokens: int = _rule(4, _AT_LEAST_1)
     ngram: int = _rule(3, _AT_LEAST_1)
     max_batch: int = _rule(8, _AT_LEAST_1)
@@ -267,10 +269,15 @@ class ServeConfig:
         _validate(self, "")
         seqs, budget = self.scheduler.max_num_seqs, self.scheduler.max_tokens_per_step
         if budget < seqs:
-            # Every running sequence decodes one token per step, so a smaller budget would starve some.
             raise ConfigError("scheduler.max_tokens_per_step", (
                 f"got {budget}, below scheduler.max_num_seqs={seqs}; a step must fit a decode of every running "
                 f"sequence: raise scheduler.max_tokens_per_step to at least {seqs} or lower scheduler.max_num_seqs"))
+        spec = self.speculative
+        if (spec.method == "draft") != (spec.draft_model is not None):
+            raise ConfigError("speculative.draft_model", "speculative.method is draft but no draft_model is set; point "
+                              "it at a smaller checkpoint that shares the model's tokenizer, or use method: ngram"
+                              if spec.method == "draft" else f"is set but speculative.method is {spec.method}; set "
+                              "method: draft to use it, or remove draft_model")
         if (self.router.tls_cert_file is None) != (self.router.tls_key_file is None):
             given, missing = (("tls_cert_file", "tls_key_file") if self.router.tls_key_file is None
                               else ("tls_key_file", "tls_cert_file"))
@@ -304,26 +311,21 @@ class ServeConfig:
         except ConfigError as e:
             raise ConfigError(e.key, e.problem, source) from None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]: return dataclasses.asdict(self)
 
     def check_model_path(self, source: str = "<config>") -> None:
-        """Checks that model.path is a checkpoint folder. Kept out of from_dict so a config can be
-        checked on a machine without the weights; `caravan serve` calls it before starting Ray."""
-        if self.model.path is None:
-            return
-        path = Path(self.model.path)
-        if not path.exists():
-            problem = "does not exist"
-        elif not path.is_dir():
-            problem = "is a file, not a folder"
-        elif not (path / "config.json").is_file():
-            problem = "exists but has no config.json"
-        else:
-            return
-        raise ConfigError("model.path", f"{path} {problem}; point it at a Hugging Face checkpoint folder "
-                                        "(config.json and *.safetensors), or remove model.path to serve the embedded "
-                                        "SmolLM2-135M-Instruct demo", source)
+        """Checks that model.path and speculative.draft_model are checkpoint folders: not in from_dict, so
+        a config can be checked without the weights; `caravan serve` calls it before starting Ray."""
+        for key, value, fix in (
+                ("model.path", self.model.path, "or remove model.path to serve the embedded SmolLM2-135M-Instruct demo"),
+                ("speculative.draft_model", self.speculative.draft_model,
+                 "one that shares the model's tokenizer, or use speculative.method: ngram")):
+            path = Path(value or ".")
+            problem = ("does not exist" if not path.exists() else "is a file, not a folder" if not path.is_dir()
+                       else "exists but has no config.json" if not (path / "config.json").is_file() else None)
+            if value is not None and problem is not None:
+                raise ConfigError(key, f"{path} {problem}; point it at a Hugging Face checkpoint folder "
+                                       f"(config.json and *.safetensors), {fix}", source)
 
 
 def _load(cls: type, data: Any, prefix: str, base: Path) -> Any:

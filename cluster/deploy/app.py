@@ -28,6 +28,7 @@ from cluster.deploy.names import DEPLOYMENT, HEAD_NODE, ROUTER
 from cluster.deploy.registry import start_registry
 from cluster.deploy.replica_server import replica_deployment
 from cluster.deploy.router_server import RouterServer
+from cluster.engine.draft_model import check_draft
 from cluster.runtime.placement import PlacementError
 from shard.config import ModelConfig
 from shard.demo import ensure_demo_model
@@ -63,14 +64,18 @@ def build(args: dict[str, Any]):
 
 def model_dir_for(config: ServeConfig, source: str) -> str:
     """The checkpoint to serve, checked (config, layout, tensor headers) before anything starts."""
-    if config.model.path is None:
-        path = ensure_demo_model()
-    else:
-        config.check_model_path(source)
-        path = Path(config.model.path)
+    config.check_model_path(source)
+    path = ensure_demo_model() if config.model.path is None else Path(config.model.path)
     model = ModelConfig.from_pretrained(path)
     check_layout(model, config.shard_layout)
     Checkpoint.open(path).validate(model)
+    if config.speculative.draft_model is not None:
+        draft = ModelConfig.from_pretrained(config.speculative.draft_model)
+        try:
+            check_draft(model, draft)
+        except ValueError as e:
+            raise ConfigError("speculative.draft_model", f"{config.speculative.draft_model}: {e}", source) from None
+        Checkpoint.open(config.speculative.draft_model).validate(draft)
     return str(path)
 
 

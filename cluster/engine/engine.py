@@ -38,6 +38,7 @@ from dataclasses import astuple, dataclass
 from typing import AsyncIterator, Callable
 
 from cluster.config import SpeculativeSection
+from cluster.engine import draft_model
 from cluster.engine.executor import Executor
 from cluster.engine.grammar import Constraint, GrammarError, Grammars, Matcher, accept_samples, fill_masks
 from cluster.engine.request import RequestError
@@ -113,6 +114,9 @@ class Engine:
         self._matchers: dict[int, Matcher] = {}
         self.constrained_requests = 0
         self.mask_seconds = 0.0        # filling bitmasks, summed over the steps (the engine's share of a step)
+        # Speculation with a draft model (`cluster.engine.draft_model`): its forwards, and seconds spent in them.
+        self._drafting = speculative is not None and speculative.method == "draft"
+        self.draft_steps, self.draft_seconds = 0, 0.0
         self._ids = itertools.count()
         self._streams: dict[int, _Stream] = {}
         self._wake = asyncio.Event()
@@ -183,7 +187,16 @@ class Engine:
             start = time.perf_counter()
             fill_masks(self._matchers, batch.step.seqs)
             self.mask_seconds += time.perf_counter() - start
+        if self._drafting and draft_model.wants_drafts(batch):
+            return asyncio.ensure_future(self._drafted(batch))
         return asyncio.ensure_future(self.executor.execute(batch.step))
+
+    async def _drafted(self, batch: Batch):
+        """Runs the draft model for the batch's drafts, then the batch (the step timeout covers both)."""
+        start = time.perf_counter()
+        self.draft_steps += await draft_model.fill(batch, self.executor)
+        self.draft_seconds += time.perf_counter() - start
+        return await self.executor.execute(batch.step)
 
     def abort(self, request_id: int) -> bool:
         """Ends a request from outside its iterator; it sees `asyncio.CancelledError`."""

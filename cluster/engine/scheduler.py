@@ -362,6 +362,8 @@ class Scheduler:
         del self._running[seq.lane][seq]
         self._release(seq)  # its published blocks stay cached: it may find them again
         seq.num_computed, seq.num_written, seq.num_published, seq.running = 0, 0, 0, False
+        if seq.spec is not None:
+            seq.spec.drafted = 0  # its blocks are gone, and with them the draft model's KV of it
         seq.preemptions += 1
         self.preemptions += 1
         # Back to the front, ahead of younger waiting sequences, so it resumes first.

@@ -1,9 +1,12 @@
 """Speculative decoding: more than one token per target step, exactly the target's output.
 
-- Proposal: n-gram prompt lookup. The last n tokens of a sequence (prompt + output, n from
-  `ngram` down to 1) are looked up among its earlier tokens; the tokens that followed
+- Proposal, `method: ngram`: n-gram prompt lookup. The last n tokens of a sequence (prompt + output,
+  n from `ngram` down to 1) are looked up among its earlier tokens; the tokens that followed
   their latest earlier occurrence are the draft, up to `num_tokens` of them. No extra model: it pays
   where answers copy from their input (editing, extraction, quoting, code).
+- Proposal, `method: draft`: a smaller model sharing the tokenizer decodes `num_tokens` tokens
+  greedily (`cluster.engine.draft_model`). The scheduler reserves their places (`PENDING`) as it
+  builds the step; the engine has the draft model fill them in before the step is sent.
 - Verification: the draft rides in one step as a chunk [last token, d1 .. dk] over the sequence's
   cached context, like a prompt chunk, and the last stage samples a token at each of its k + 1
   positions (`SeqChunk.num_draft`), each exactly as plain decoding would at that output index:
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from cluster.config import SpeculativeSection
 from cluster.engine.kv_cache import BlockManager
+from cluster.engine.sequence import PENDING
 from shard.sampler import Sample
 
 if TYPE_CHECKING:
@@ -70,6 +74,7 @@ class SpecState:
     index: NgramIndex = field(default_factory=NgramIndex)
     rate: float = 1.0     # its acceptance rate, an exponential average over its decode steps
     resume_at: int = 0    # it proposes again once it has this many output tokens
+    drafted: int = 0      # method draft: its first tokens whose KV the draft model's cache holds
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,10 @@ class Speculator:
             return []
         state = seq.spec = seq.spec or SpecState()
         cfg = self.cfg
-        seq.draft = state.index.propose(seq.tokens, cfg.ngram, min(cfg.num_tokens, limit))
+        if cfg.method == "draft":
+            seq.draft = [PENDING] * min(cfg.num_tokens, limit)  # the draft model's, filled in before the step runs
+        else:
+            seq.draft = state.index.propose(seq.tokens, cfg.ngram, min(cfg.num_tokens, limit))
         if not seq.draft:
             self._rate(seq, 0.0)  # a step without a draft gains nothing, and costs the overlap of steps
         return seq.draft
@@ -128,6 +136,8 @@ class Speculator:
         m = 0
         while m < len(draft) and samples[m].token_id == draft[m]:
             m += 1
+        # The draft model's cache holds the drafts it ran (all but the last), valid as far as they were accepted.
+        seq.spec.drafted = min(seq.spec.drafted, len(seq.tokens) + m)
         s = self.stats
         self.stats = SpecStats(s.steps + 1, s.proposed + len(draft), s.accepted + m, s.emitted + m + 1)
         self._rate(seq, m / len(draft))

@@ -35,7 +35,10 @@ def threads_per_rank(world_size: int) -> int:
 
 class LocalReplica:
     def __init__(self, model_dir: str | Path, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                 num_blocks: int, block_size: int = 16, timeout_s: float = 120.0, progress: bool = True):
+                 num_blocks: int, block_size: int = 16, timeout_s: float = 120.0, progress: bool = True,
+                 draft_model: str | Path | None = None):
+        """`draft_model`: a draft checkpoint for speculative decoding, run unsharded in this process
+        beside rank 0 (`cluster.engine.draft_model`); `draft` is then its stepper."""
         self.cfg = ModelConfig.from_pretrained(model_dir)
         # Everything that can be checked without tensor data is checked here, once, before any
         # process starts: a bad layout or checkpoint fails in a second with one clear message.
@@ -63,6 +66,9 @@ class LocalReplica:
             self.ctx: ParallelContext = init_parallel(layout, 0, endpoint)
             self.worker = ShardWorker(model_dir, self.ctx, dtype=dtype, num_blocks=num_blocks,
                                       block_size=block_size, progress=progress)
+            self.draft = None if draft_model is None else ShardWorker(
+                draft_model, ParallelContext(Layout()), dtype=dtype, num_blocks=num_blocks, block_size=block_size,
+                progress=False)
             if layout.world_size > 1:
                 dist.barrier(group=self.ctx.cpu_group)  # every rank has loaded
         except BaseException as e:

@@ -37,6 +37,10 @@ class RayExecutor:
         outputs = await asyncio.gather(*(self._wait(ref, name) for ref, name in zip(refs, self.names)))
         return outputs[self._last]
 
+    async def draft(self, step: StepInput) -> StepOutput:
+        """A step of the draft model, which sits beside rank 0 (`cluster.engine.draft_model`)."""
+        return await self._wait(self.actors[0].draft.remote(step), self.names[0])
+
     @staticmethod
     async def _wait(ref, name: str) -> StepOutput | None:
         try:

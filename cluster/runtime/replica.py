@@ -66,7 +66,8 @@ class RayReplica:
                          device=cfg.shard.device, cpu_threads=cfg.shard.cpu_threads,
                          collective_timeout_s=cfg.timeouts.collective_s, cuda_graphs=cfg.shard.cuda_graphs,
                          graph_max_batch=cfg.scheduler.max_num_seqs,
-                         fp8_scaled_mm_min_rows=cfg.shard.fp8_scaled_mm_min_rows)
+                         fp8_scaled_mm_min_rows=cfg.shard.fp8_scaled_mm_min_rows,
+                         draft_model_dir=cfg.speculative.draft_model if place.rank == 0 else None)
         return RemoteShard.options(
             name=self.names[index], num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, place.bundle, True),
@@ -115,7 +116,8 @@ def start_replica(cfg: ServeConfig, model_dir: str, pg: PlacementGroup, name: st
     """Starts the shards in bundles 1..world of `pg` (bundle 0 holds the caller) and their engine."""
     layout = cfg.shard_layout
     model = ModelConfig.from_pretrained(model_dir)
-    num_blocks = kv_blocks(cfg, model, resource == "GPU")
+    draft = ModelConfig.from_pretrained(cfg.speculative.draft_model) if cfg.speculative.draft_model else None
+    num_blocks = kv_blocks(cfg, model, resource == "GPU", draft)
     places = places_of(pg, layout)
     replica = RayReplica(name, places, [], None, num_blocks, cfg, model_dir, pg, resource)
     replica.actors = [replica.spawn(i) for i in range(len(places))]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from cluster.engine import heap
 from cluster.runtime.rendezvous import Rendezvous
 from shard.layout import Layout
-from shard.parallel import shutdown_parallel
+from shard.parallel import ParallelContext, shutdown_parallel
 from shard.worker import ShardWorker, StepInput, StepOutput
 
 
@@ -35,6 +35,7 @@ class ShardSpec:
     cuda_graphs: bool = False   # decode steps as CUDA graphs, of up to graph_max_batch sequences (on CUDA only)
     graph_max_batch: int = 256
     fp8_scaled_mm_min_rows: int = 1024  # FP8 checkpoints on CUDA: rows from which the GEMMs quantise activations
+    draft_model_dir: str | None = None  # rank 0 with speculative.method draft: the draft model, beside its shard
 
 
 def last_line(e: BaseException) -> str:
@@ -47,6 +48,7 @@ class ShardActor:
     def __init__(self, spec: ShardSpec):
         self.spec = spec
         self.worker: ShardWorker | None = None
+        self.drafter: ShardWorker | None = None   # the replica's draft model (`cluster.engine.draft_model`)
         self._rendezvous = Rendezvous(spec.layout, spec.rank, spec.collective_timeout_s)
         torch.set_num_threads(spec.cpu_threads)
 
@@ -68,6 +70,9 @@ class ShardActor:
         self.worker = ShardWorker(s.model_dir, ctx, dtype=s.dtype, num_blocks=s.num_blocks, block_size=s.block_size,
                                   progress=False, cuda_graphs=s.cuda_graphs, graph_max_batch=s.graph_max_batch,
                                   fp8_scaled_mm_min_rows=s.fp8_scaled_mm_min_rows)
+        if s.draft_model_dir is not None:  # unsharded, on this rank's device, with the target's block ids
+            self.drafter = ShardWorker(s.draft_model_dir, ParallelContext(Layout(), 0, device), dtype=s.dtype,
+                                       num_blocks=s.num_blocks, block_size=s.block_size, progress=False)
         if s.layout.world_size > 1:
             dist.barrier(group=ctx.cpu_group)
         heap.settle()  # weights loaded: keep collections out of the steps
@@ -92,6 +97,10 @@ class ShardActor:
 
     def execute(self, step: StepInput) -> StepOutput | None:
         return self.worker.execute(step)
+
+    def draft(self, step: StepInput) -> StepOutput:
+        """A step of the draft model (rank 0 only): greedy tokens for `cluster.engine.draft_model`."""
+        return self.drafter.execute(step)
 
     def ping(self) -> bool:
         return self.worker is not None

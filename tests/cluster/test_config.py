@@ -29,7 +29,8 @@ scheduler:
   max_num_seqs: 8
   max_tokens_per_step: 256
 speculative:
-  method: ngram
+  method: draft
+  draft_model: weights/llama-1b
   num_tokens: 6
   ngram: 4
   max_batch: 2
@@ -105,7 +106,8 @@ def test_full_file_sets_every_key(tmp_path):
     assert (cfg.layout.tp, cfg.layout.pp, cfg.replicas) == (2, 4, 3)
     assert cfg.kv_cache == KVCacheSection(block_size=32, memory_per_shard=2**30, num_blocks=500, prefix_caching=False)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_tokens_per_step) == (8, 256)
-    assert dataclasses.astuple(cfg.speculative) == ("ngram", 6, 4, 2, 0.3)
+    assert dataclasses.astuple(cfg.speculative) == (
+        "draft", str((tmp_path / "weights" / "llama-1b").resolve()), 6, 4, 2, 0.3)
     assert dataclasses.astuple(cfg.timeouts) == (600.0, 2.5, 30.0, 0.5, 20.0)
     assert (cfg.shard.device, cfg.shard.cpu_threads, cfg.shard.cuda_graphs, cfg.shard.fp8_scaled_mm_min_rows) == (
         "cuda", 4, False, 256)

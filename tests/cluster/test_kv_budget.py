@@ -3,6 +3,8 @@ the graphs' memory comes out of the budget first."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,3 +44,16 @@ def test_a_budget_the_graphs_fill_names_them():
     with pytest.raises(KVBudgetError, match=r"less \d+ bytes for the CUDA graphs \(shard.cuda_graphs\)"):
         kv_blocks(tiny, LLAMA_405B, gpu=True)
     assert kv_blocks(tiny, LLAMA_405B, gpu=False) > 0
+
+
+def test_a_draft_models_kv_beside_rank_0_counts_in_each_block():
+    """Llama 3.2 1B's shape as the draft of 405B at TP 8 x PP 2: its KV for a token (16 layers x 8 KV heads
+    x 64 dims, unsharded) is about as large as a 405B shard's (63 layers x 1 KV head x 128 dims), so the draft
+    about halves the blocks a 20 GiB budget holds."""
+    draft = dataclasses.replace(LLAMA_405B, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                                num_kv_heads=8, head_dim=64)
+    per_block = 63 * 16 * 128 * 2 * 2
+    draft_per_block = 16 * 16 * 8 * 64 * 2 * 2
+    cfg = config(cuda_graphs=False)
+    assert kv_blocks(cfg, LLAMA_405B, gpu=True, draft=draft) == 20 * 2**30 // (per_block + draft_per_block)
+    assert kv_blocks(cfg, LLAMA_405B, gpu=True, draft=None) == 20 * 2**30 // per_block

@@ -1,5 +1,5 @@
 """Speculative decoding across a repair: `caravan serve` with the embedded default (SmolLM2 at TP 3 x
-PP 2) and n-gram speculation on, two answers that copy their prompt (so drafts are long and mostly
+PP 2) and speculation on (n-gram lookup, or a draft model beside the first shard), two answers that copy their prompt (so drafts are long and mostly
 accepted), greedy and seeded, streamed at once; one shard process is killed mid-answer. The router
 resumes each on the repaired replica with the tokens already streamed, the replica speculates again
 from them, and each client sees one stream, token for token the undisturbed run's."""
@@ -30,12 +30,15 @@ SAMPLING = {"greedy": pb.SamplingParams(temperature=0), "seeded": pb.SamplingPar
 RESUMED = r"request failed after (\d+) tokens .*; resuming"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
+@pytest.fixture(scope="module", params=["ngram", "draft"])
+def server(request, tmp_path_factory, smollm2_dir):
+    """n-gram lookup, or a draft model: SmolLM2 itself, the one trained model here (a draft that is the
+    target is accepted nearly always: what is tested is the draft's cache across the repair)."""
     port = free_port()
-    with caravan_serve(tmp_path_factory.mktemp("speculative-recovery"), "speculative: {method: ngram}\n", TOKEN,
-                       metrics_port=port) as clients:
-        clients.metrics = f"http://127.0.0.1:{port}/metrics"
+    spec = ("speculative: {method: ngram}\n" if request.param == "ngram" else
+            f"speculative: {{method: draft, draft_model: {smollm2_dir}}}\n")
+    with caravan_serve(tmp_path_factory.mktemp("speculative-recovery"), spec, TOKEN, metrics_port=port) as clients:
+        clients.metrics, clients.method = f"http://127.0.0.1:{port}/metrics", request.param
         yield clients
 
 
@@ -71,7 +74,13 @@ def run_both(server, kill_after: int | None = None) -> dict[str, tuple[list[int]
             time.sleep(0.005)
         shards = shard_processes(server)
         assert len(shards) == 6, [p.cmdline() for p in shards]
-        shards[4].kill()
+        if server.method == "draft":
+            # The draft sits beside rank 0 only: that process holds a whole SmolLM2 (540 MB in fp32) more.
+            shards.sort(key=lambda p: p.memory_info().rss)
+            assert shards[-1].memory_info().rss - shards[-2].memory_info().rss > 300e6
+            shards[-1].kill()
+        else:
+            shards[4].kill()
     for t in threads:
         t.join(120)
     return {name: (tokens[name], finish[name]) for name in SAMPLING}
