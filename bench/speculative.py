@@ -1,4 +1,5 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, in one run, on SmolLM2-135M.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) against plain decoding, in one run,
+on SmolLM2-135M.
 
 An input-grounded workload: chat requests whose answers copy from their prompt (repeat a passage,
 correct its typos, quote the sentences about something, turn it into a list), greedy, up to
@@ -14,6 +15,13 @@ engine over one in-process shard (TP 1 x PP 1), and the outputs must be the same
 
     python bench/speculative.py                   # both; --rounds 3 alternates the modes 3 times
     python bench/speculative.py --smoke           # a few short requests, to check the script
+    python bench/speculative.py --draft-layers 6  # a draft model: SmolLM2's first 6 of 30 layers
+
+With `--draft-model PATH` (a checkpoint sharing SmolLM2's tokenizer) or `--draft-layers N`, the
+proposer is that draft model (`speculative.method: draft`) instead of n-gram lookup. SmolLM2-135M
+is the smallest model of its tokenizer here, so `--draft-layers` cuts a draft out of it: its first N
+layers with its own final norm and head, untrained as an early exit (self-speculation in the style
+of LayerSkip or Draft & Verify, without their training), which bounds how often it is accepted.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ import argparse
 import asyncio
 import dataclasses
 import statistics
+import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +74,22 @@ def tasks() -> list[str]:
     return out
 
 
-def engine_for(worker: ShardWorker, eos: frozenset[int], blocks: int, spec: SpeculativeSection | None) -> Engine:
-    return Engine(LocalExecutor(worker), worker.cfg, eos, num_blocks=blocks, block_size=BLOCK, max_num_seqs=32,
+def first_layers(model_dir: str, n: int, folder: Path) -> Path:
+    """A copy of the checkpoint with only its first `n` decoder layers (a draft cut out of the model)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(model_dir, folder)
+    for path in folder.glob("*.safetensors"):
+        kept = {k: v for k, v in load_file(path).items()
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) < n}
+        save_file(kept, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": n}))
+    return folder
+
+
+def engine_for(worker: ShardWorker, eos: frozenset[int], blocks: int, spec: SpeculativeSection | None,
+               draft: ShardWorker | None = None) -> Engine:
+    return Engine(LocalExecutor(worker, draft), worker.cfg, eos, num_blocks=blocks, block_size=BLOCK, max_num_seqs=32,
                   max_tokens_per_step=512, speculative=spec)
 
 
@@ -80,9 +105,9 @@ async def run(engine: Engine, prompts: list[list[int]], params: SamplingParams, 
     return outs, time.perf_counter() - start
 
 
-def measure(worker, eos, blocks, prompts, params, spec, concurrent):
+def measure(worker, eos, blocks, prompts, params, spec, concurrent, draft=None):
     async def go():
-        engine = engine_for(worker, eos, blocks, spec)
+        engine = engine_for(worker, eos, blocks, spec, draft)
         await run(engine, [prompts[0][:8]], dataclasses.replace(params, max_tokens=4), False)  # warm-up
         outs, seconds = await run(engine, prompts, params, concurrent)
         stats = engine.stats()
@@ -91,12 +116,12 @@ def measure(worker, eos, blocks, prompts, params, spec, concurrent):
     return asyncio.run(go())
 
 
-def compare(name, worker, eos, blocks, prompts, params, spec, concurrent, rounds):
+def compare(name, worker, eos, blocks, prompts, params, spec, concurrent, rounds, draft=None):
     """Prints each round and the median ratio; returns the plain outputs and both modes' tok/s of each round."""
     ratios, rates = [], {"plain": [], "speculative": []}
     for r in range(rounds):
         plain, t_plain, _ = measure(worker, eos, blocks, prompts, params, None, concurrent)
-        fast, t_fast, s = measure(worker, eos, blocks, prompts, params, spec, concurrent)
+        fast, t_fast, s = measure(worker, eos, blocks, prompts, params, spec, concurrent, draft)
         if fast != plain:
             bad = next(i for i, (a, b) in enumerate(zip(plain, fast)) if a != b)
             raise SystemExit(f"{name}: request {bad} differs with speculation: {plain[bad]} vs {fast[bad]}")
@@ -144,6 +169,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=SpeculativeSection.max_batch)
     ap.add_argument("--only", choices=("batch1", "concurrent"))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--draft-model", help="a draft checkpoint sharing SmolLM2's tokenizer (method draft)")
+    ap.add_argument("--draft-layers", type=int, help="a draft of SmolLM2's first N layers (method draft)")
     ap.add_argument("--llamacpp-python", help="llama.cpp virtualenv's python (default: see bench/peers.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,19 +180,26 @@ def main() -> None:
     max_tokens = 8 if args.smoke else args.max_tokens
     prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    spec = SpeculativeSection(method="ngram", num_tokens=args.num_tokens, max_batch=args.max_batch)
+    draft_dir = args.draft_model
+    if args.draft_layers:
+        draft_dir = first_layers(model_dir, args.draft_layers, Path(tempfile.mkdtemp()) / "draft")
+    spec = SpeculativeSection(method="draft" if draft_dir else "ngram", draft_model=draft_dir and str(draft_dir),
+                              num_tokens=args.num_tokens, max_batch=args.max_batch)
     many = [prompts[i % len(prompts)] for i in range(2 if args.smoke else args.concurrent)]
     blocks = sum(-(-(len(p) + max_tokens + args.num_tokens) // BLOCK) for p in many) + 8
     worker = ShardWorker(model_dir, ParallelContext(Layout()), num_blocks=blocks, block_size=BLOCK, progress=False)
+    draft = draft_dir and ShardWorker(draft_dir, ParallelContext(Layout()), num_blocks=blocks, block_size=BLOCK,
+                                      progress=False)
     print(f"SmolLM2-135M fp32, {args.threads} threads, {len(prompts)} input-grounded chat requests "
           f"(prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens), greedy, max_tokens {max_tokens}; "
           f"speculative: {spec}", flush=True)
     if args.only != "concurrent":
         outputs, rates = compare("batch 1", worker, tok.eos_token_ids, blocks, prompts, params, spec, False,
-                                 args.rounds)  # fmt: skip
+                                 args.rounds, draft)  # fmt: skip
         llamacpp(prompts, max_tokens, args.threads, args.num_tokens, args.rounds, rates, outputs, args.llamacpp_python)
     if args.only != "batch1":
-        compare(f"{len(many)} concurrent", worker, tok.eos_token_ids, blocks, many, params, spec, True, args.rounds)
+        compare(f"{len(many)} concurrent", worker, tok.eos_token_ids, blocks, many, params, spec, True, args.rounds,
+                draft)
 
 
 if __name__ == "__main__":
