@@ -5,6 +5,8 @@ against what the same device measures first: its copy bandwidth and its bf16 GEM
   operators only, eager with the default kernels (`shard.kernels.DEFAULT_TRITON_OPS`), replayed as
   CUDA graphs (`shard.graphs`) with those, and as graphs with every Triton kernel; each as a
   percentage of the roofline: the layer's weights and its KV read once at the copy bandwidth.
+- a speculative verify step (1 + 4 rows a sequence, batch 1 and 8, both contexts), in the same ways,
+  and as a multiple of the decode step of the same batch: what speculation's gain rests on.
 - prefill of 2,048 and 8,192 tokens (one sequence) and 4 x 512, as a percentage of the GEMM rate
   (the layer's linear FLOPs plus causal attention's).
 - greedy tokens in fp32 against transformers' for a synthetic Llama 3.1 (when transformers is installed).
@@ -43,6 +45,7 @@ from shard.parallel import ParallelContext  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "llama-3.1-405b-instruct"
 TP, BLOCK = 8, 16
+DRAFTS = 4        # draft tokens a verify step checks (speculative.num_tokens' default)
 TARGETS = {"decode": {1: 0.8, 8: 0.8, 32: 0.8, 64: 0.8, 256: 0.7}, "prefill": 0.6}
 
 
@@ -121,6 +124,34 @@ def measure_decode(model, batch, context, device, iters, modes) -> dict[str, flo
                 runner.run(ids.cpu(), [context] * batch, tables)
                 replay = runner.graphs[runner.bucket(batch)]
                 out[mode] = timed(replay, device, iters)
+                del runner
+            else:
+                out[mode] = timed(lambda: model(ids, positions, meta, cache), device, iters)
+        finally:
+            kernels.use_triton(previous)
+    return out
+
+
+def measure_verify(model, batch, drafts, context, device, iters, modes) -> dict[str, float]:
+    """Seconds per speculative verify step of `model`: `batch` sequences of 1 + `drafts` rows each over
+    `context` cached tokens (decode rows, `shard.attention.MAX_DECODE_ROWS`), eagerly and as graphs."""
+    from shard.graphs import CudaGraphBackend, DecodeGraphRunner
+
+    rows = drafts + 1
+    cache, tables, _, _, _ = decode_case(model, batch, context + drafts, device)
+    meta = AttentionMetadata.build([rows] * batch, [context] * batch, tables, BLOCK, device)
+    ids = torch.zeros(batch * rows, dtype=torch.int64, device=device)
+    positions = torch.arange(context, context + rows, device=device).repeat(batch)
+    out = {}
+    for mode in modes:
+        ops = kernels.TRITON_OPS if mode == "graphs+all_triton" else () if mode == "eager" else kernels.DEFAULT_TRITON_OPS
+        previous = kernels.use_triton(ops)
+        try:
+            if mode.startswith("graphs"):
+                runner = DecodeGraphRunner(model, cache, CudaGraphBackend(device), max_batch=batch * rows,
+                                           max_context=context + rows + BLOCK, pad_block=cache.num_blocks - 1)
+                runner.run(ids.cpu(), [context] * batch, tables, [rows] * batch)
+                out[mode] = timed(runner.graphs[runner.bucket(batch * rows)], device, iters)
                 del runner
             else:
                 out[mode] = timed(lambda: model(ids, positions, meta, cache), device, iters)
@@ -220,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dataclasses.replace(cfg, hidden_size=128, num_heads=8 * TP, num_kv_heads=TP, head_dim=16,
                                   intermediate_size=96 * TP)
         batches, contexts, prefills = [1, 4], [16, 40], [[32], [64], [16] * 4]
+        verify_batches = [1, 4]
         bw_bytes, gemm_n, greedy_tokens = 2**24, 256, 4
         modes = ["eager"]
     else:
@@ -227,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("no CUDA device: run with --smoke on a CPU")
         device, dtype, layers, iters = torch.device("cuda"), torch.bfloat16, args.layers, args.iters
         batches, contexts, prefills = [1, 8, 32, 64, 128, 256], [1024, 8192], [[2048], [512] * 4, [8192]]
+        verify_batches = [1, 8]   # speculation's default max_batch
         bw_bytes, gemm_n, greedy_tokens = 2**31, 8192, 128
         modes = ["eager", "eager+kernels", "graphs", "graphs+all_triton"]
         if kernels.triton_module() is None:
@@ -256,6 +289,16 @@ def main(argv: list[str] | None = None) -> dict:
                 result["decode"].append(row)
                 print(f"decode b={batch:<3} ctx={context:<5} {mode:<18} {row['ms_per_layer']:.3f} ms/layer "
                       f"(roofline {row['roofline_ms_per_layer']:.3f}): {row['pct_of_roofline']:.0f}%")
+    result["verify"] = []
+    for context in contexts:
+        for batch in verify_batches:
+            for mode, t in measure_verify(model, batch, DRAFTS, context, device, iters, modes).items():
+                decode = next(r for r in result["decode"] if (r["batch"], r["context"], r["mode"]) == (batch, context, mode))
+                row = {"batch": batch, "draft_tokens": DRAFTS, "context": context, "mode": mode,
+                       "ms_per_layer": 1e3 * t / layers, "decode_steps": 1e3 * t / layers / decode["ms_per_layer"]}
+                result["verify"].append(row)
+                print(f"verify b={batch:<3} k={DRAFTS} ctx={context:<5} {mode:<18} {row['ms_per_layer']:.3f} ms/layer: "
+                      f"{row['decode_steps']:.2f} decode steps of the same batch")
     previous = kernels.use_triton(kernels.DEFAULT_TRITON_OPS)
     for lengths in prefills:
         t = measure_prefill(model, lengths, device, max(2, iters // 4))

@@ -25,6 +25,9 @@ def test_smoke_run_writes_every_measurement(tmp_path):
     assert result["shard"]["num_kv_heads"] == 1                  # 405B's 8 KV heads over TP 8
     assert {(r["batch"], r["context"]) for r in result["decode"]} == {(1, 16), (4, 16), (1, 40), (4, 40)}
     assert all(r["ms_per_layer"] > 0 and r["pct_of_roofline"] > 0 for r in result["decode"])
+    assert {(r["batch"], r["context"], r["draft_tokens"]) for r in result["verify"]} == {
+        (1, 16, 4), (4, 16, 4), (1, 40, 4), (4, 40, 4)}
+    assert all(r["ms_per_layer"] > 0 and r["decode_steps"] > 0 for r in result["verify"])
     assert [r["tokens"] for r in result["prefill"]] == [[32], [64], [16] * 4]
     assert all(r["pct_of_gemm_rate"] > 0 for r in result["prefill"])
     assert result["greedy_fp32_vs_transformers"]["match"] is True
