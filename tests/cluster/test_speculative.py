@@ -218,10 +218,10 @@ def _serve_replica(model_dir, layout, reqs, spec, eos):
 
 
 @pytest.mark.slow
-def test_smollm2_pp2_and_synthetic_tp2_pp2_give_the_same_tokens_with_speculation(smollm2_dir, model_dir):
+def test_smollm2_tp3_pp2_and_synthetic_tp2_pp2_give_the_same_tokens_with_speculation(smollm2_dir, model_dir):
     """Every PP lane verifies drafts; a TP group samples every position of a chunk alike."""
     chats = [(p, SamplingParams(temperature=0, max_tokens=20)) for p in copying_chats(smollm2_dir)]
-    off, on, stats = _serve_replica(smollm2_dir, Layout(1, 2), chats, SPEC, frozenset({2}))
+    off, on, stats = _serve_replica(smollm2_dir, Layout(3, 2), chats, SPEC, frozenset({2}))
     assert on == off and stats.free_blocks == stats.num_blocks and stats.spec_accepted > 0
     reqs = [(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)) for p in prompts(4)]
     off, on, stats = _serve_replica(model_dir, Layout(2, 2), reqs, SPEC, frozenset())
