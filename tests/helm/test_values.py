@@ -71,6 +71,17 @@ def test_model_path_inside_the_volume(helm: Helm) -> None:
     assert "caravan.model.path=/data/llama is not inside modelVolume.mountPath=/models" in error
 
 
+def test_draft_model_inside_the_volume_and_in_the_serve_args(helm: Helm) -> None:
+    draft = ["--set", "caravan.speculative.method=draft"]
+    assert "caravan.speculative.method is draft but caravan.speculative.draft_model is not set" in refused(
+        helm, BF16, *draft)
+    error = refused(helm, BF16, *draft, "--set", "caravan.speculative.draft_model=/data/llama-1b")
+    assert "caravan.speculative.draft_model=/data/llama-1b is not inside modelVolume.mountPath=/models" in error
+    rendered = helm.template(BF16, *draft, "--set", "caravan.speculative.draft_model=/models/llama-3.2-1b")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "draft_model: /models/llama-3.2-1b" in rendered.stdout and "method: draft" in rendered.stdout
+
+
 def test_too_few_nodes_for_the_layout(helm: Helm) -> None:
     error = refused(helm, BF16, "--set", "workers.nodes=1")
     assert ("workers.nodes=1 does not match the layout: replicas=1 x caravan.layout.pp=2 = 2 stages of "

@@ -22,6 +22,15 @@ the values keys and the fix.
 {{- fail (printf "caravan.model.path=%s is not inside modelVolume.mountPath=%s, where modelVolume.claimName is mounted: set caravan.model.path to the checkpoint's folder under %s" . $mount $mount) -}}
 {{- end -}}
 {{- end -}}
+{{- if and (eq (toString $c.speculative.method) "draft") (not $c.speculative.draft_model) -}}
+{{- fail "caravan.speculative.method is draft but caravan.speculative.draft_model is not set: set it to a draft checkpoint's folder under modelVolume.mountPath that shares the model's tokenizer (for 405B: Llama 3.2 1B), or use method ngram" -}}
+{{- end -}}
+{{- with $c.speculative.draft_model -}}
+{{- $mount := trimSuffix "/" $.Values.modelVolume.mountPath -}}
+{{- if not (hasPrefix (printf "%s/" $mount) .) -}}
+{{- fail (printf "caravan.speculative.draft_model=%s is not inside modelVolume.mountPath=%s, where modelVolume.claimName is mounted: put the draft checkpoint on that volume and set caravan.speculative.draft_model to its folder under %s" . $mount $mount) -}}
+{{- end -}}
+{{- end -}}
 
 {{- /* Shards per node: one per GPU, or on CPU workers one per Ray CPU. */ -}}
 {{- $slots := ternary $gpus (int $w.cpuShardsPerNode) (gt $gpus 0) -}}
