@@ -64,8 +64,9 @@ def build(args: dict[str, Any]):
 
 def model_dir_for(config: ServeConfig, source: str) -> str:
     """The checkpoint to serve, checked (config, layout, tensor headers) before anything starts."""
-    config.check_model_path(source)
+    # The demo first: a draft_model may name its folder, which exists once it is converted.
     path = ensure_demo_model() if config.model.path is None else Path(config.model.path)
+    config.check_model_path(source)
     model = ModelConfig.from_pretrained(path)
     check_layout(model, config.shard_layout)
     Checkpoint.open(path).validate(model)
