@@ -4,6 +4,7 @@ local Ray dashboard).
 A port is chosen below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where
 it can still be free when the listener binds it: inside the range, any outgoing connection of the
 processes starting meanwhile (a Ray cluster opens hundreds) may take it as its source port first.
+And above Ray's worker ports, which Ray's workers listen on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import socket
 from pathlib import Path
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-LOWEST = 10000     # below: ports that well-known services are likelier to hold
+# Below: Ray's worker ports (10002-19999 by default; its workers listen there, and `ray start` refuses
+# a dashboard or GCS port inside that span) and the ports well-known services hold.
+LOWEST = 20000
 
 
 def free_port(host: str = "127.0.0.1") -> int:

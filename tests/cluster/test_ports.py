@@ -11,6 +11,7 @@ def test_a_free_port_is_below_the_ephemeral_range_and_can_be_bound():
     start = ports.ephemeral_start()
     chosen = {ports.free_port() for _ in range(20)}
     assert all(ports.LOWEST <= p < start for p in chosen), (start, chosen)
+    assert not any(10002 <= p <= 19999 for p in chosen)  # Ray's default worker ports: `ray start` refuses them
     assert len(chosen) > 1  # random, so that processes starting together rarely pick the same one
     with socket.socket() as s:
         s.bind(("127.0.0.1", chosen.pop()))
