@@ -1,10 +1,10 @@
 """Free local ports, for what starts next and must be told where to listen (a router, a rendezvous, a
 local Ray dashboard).
 
-A port is chosen below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where
-it can still be free when the listener binds it: inside the range, any outgoing connection of the
-processes starting meanwhile (a Ray cluster opens hundreds) may take it as its source port first.
-And above Ray's worker ports, which Ray's workers listen on.
+A port is chosen above Ray's worker ports (see `LOWEST`) and below the kernel's ephemeral range
+(`/proc/sys/net/ipv4/ip_local_port_range`), where it can still be free when the listener binds it:
+inside the range, any outgoing connection of the processes starting meanwhile (a Ray cluster opens
+hundreds) may take it as its source port first.
 """
 
 from __future__ import annotations
