@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_linear import cpu_model  # noqa: E402
 from peers import Result, run_transformers, run_vllm  # noqa: E402
 from workload import Workload, make_prompts  # noqa: E402
 
 from cluster.engine.engine import Engine  # noqa: E402
 from cluster.engine.executor import LocalExecutor  # noqa: E402
 from shard.demo import ensure_demo_model  # noqa: E402
+from shard.kernels.cpu import cpu_model  # noqa: E402
 from shard.layout import Layout  # noqa: E402
 from shard.parallel import ParallelContext  # noqa: E402
 from shard.sampler import SamplingParams  # noqa: E402

@@ -30,9 +30,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     fastest path `bench/cpu_linear.py` measured (all of SmolLM2-135M's linears, 2 threads, an AMD
     EPYC with AVX2 and no AVX-512, quiet machine):
 
-    - up to 128 rows in float32, the hand-written kernel of `shard.kernels.cpu` (it streams the
-      weight at near the memory bandwidth, where MKL reaches about half): 1.1x to 1.6x faster
-      than oneDNN on a prepacked weight at 1 to 32 rows, level at 64 and 128 (1.02x, 0.94x);
+    - up to 128 rows in float32 on a plain weight, the hand-written kernel of `shard.kernels.cpu`
+      (it streams the weight at near the memory bandwidth, where MKL reaches about half): 1.1x to
+      1.6x faster than oneDNN on a prepacked weight at 1 to 32 rows, level at 64 and 128 (1.02x,
+      0.94x). A weight prepacked in place (where `shard.cpu_path` measured oneDNN faster on the
+      machine) takes oneDNN at every rows;
     - else, with `packed` (the weight prepacked at load, `prepack`): oneDNN, 1.0x to 1.5x faster
       than the better of MKL and addmm at every rows up to 256 (1.48x at 1, 1.01x at 4, 1.13x to
       1.29x at 8 to 256), level with addmm at 512 (0.98x);

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shard import kernels, quant
+from shard import cpu_path, kernels, quant
 from shard.kernels import cpu as cpu_kernels
+from shard.kernels import onednn
 from shard.attention import AttentionMetadata, KVCache, paged_attention
 from shard.config import ModelConfig
 from shard.kernels.fp8 import FP8Gemm
@@ -121,10 +122,11 @@ class DecoderLayer(nn.Module):
 
     def _decode_kernels(self, h: torch.Tensor, meta: AttentionMetadata):
         """The CPU kernels, where this step can run each half of the layer as one call: float32 on
-        CPU, a step of at most `cpu_kernels.MAX_ROWS` decode rows and no prefill, shapes the kernels take."""
+        CPU, a step of at most `cpu_kernels.MAX_ROWS` decode rows and no prefill, shapes the kernels take,
+        plain weights (not prepacked in place for oneDNN: `shard.cpu_path`)."""
         a = self.self_attn
         if self.fp8 or not meta.decode_only or h.shape[0] > cpu_kernels.MAX_ROWS or not cpu_kernels.attention_fits(
-                a.local_heads, a.head_dim):
+                a.local_heads, a.head_dim) or onednn.is_packed(a.qkv_proj.weight):
             return None
         return kernels.cpu_lib(h)
 
@@ -165,6 +167,7 @@ class LlamaStage(nn.Module):
         super().__init__()
         check_layout(cfg, ctx.layout)
         self.cfg, self.ctx, self.dtype = cfg, ctx, dtype
+        self.cpu_paths: dict[str, cpu_path.Measured] = {}  # set by `prepack_linears`
         self.layer_range = model_stage_layers(cfg, ctx.layout.pp, ctx.pp_rank)
         tp, r = ctx.tp_size, ctx.tp_rank
         self.embed_tokens = (VocabParallel(cfg.vocab_size, cfg.hidden_size, tp, r, dtype=dtype, device=device)
@@ -185,12 +188,19 @@ class LlamaStage(nn.Module):
         """Prepacks the linears' weights and the LM head's for oneDNN where `shard.kernels.onednn` is
         on (see `shard.layers.prepack`); once, after loading. Returns the bytes the copies add: none
         where they replace the plain weights; the linears' whole weight where the decode kernels
-        still read those (float32 with the CPU kernels, the default on x86-64)."""
+        still read those (float32 with the CPU kernels, `CARAVAN_ONEDNN_LINEAR=on`). Under `auto`,
+        float32 with the kernels takes per part the path `shard.cpu_path` measured faster here
+        (`self.cpu_paths`), in place or not at all."""
         kernels_read = self.dtype == torch.float32 and cpu_kernels.library() is not None
+        self.cpu_paths = cpu_path.choose(self)
+
+        def plain(part: str) -> bool:
+            return kernels_read and (part not in self.cpu_paths or self.cpu_paths[part].path == cpu_path.KERNELS)
+
         linears = [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-        nbytes = sum(prepack(m, keep_plain=kernels_read) for m in linears)
+        nbytes = sum(prepack(m, keep_plain=plain("layers")) for m in linears)
         if self.lm_head is not None:
-            nbytes += prepack(self.lm_head, keep_plain=kernels_read or self.lm_head is self.embed_tokens)
+            nbytes += prepack(self.lm_head, keep_plain=plain("lm_head") or self.lm_head is self.embed_tokens)
         return nbytes
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:

@@ -5,7 +5,8 @@ and dtype:
   decode layer in two calls. `CARAVAN_CPU_KERNELS` (see `shard.kernels.cpu`) turns them off.
 - `triton`: CUDA, any float dtype; the small operators around the GEMMs (`TRITON_OPS`).
 - `onednn`: CPU linears on weights prepacked once for oneDNN; `shard.layers.linear` chooses it by
-  rows, `CARAVAN_ONEDNN_LINEAR` (see `shard.kernels.onednn`) where weights are prepacked.
+  rows, `CARAVAN_ONEDNN_LINEAR` (see `shard.kernels.onednn`) where weights are prepacked, and
+  `shard.cpu_path` where both it and `cpu` could serve float32 (timed at load, once per machine).
 - Other backends (an FP8 GEMM, say) are modules beside these, chosen here the same way.
 
 Callers ask `cpu_lib(x)` or `triton_for(x, op)` and take the PyTorch path on None. Everything

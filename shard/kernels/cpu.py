@@ -85,6 +85,16 @@ def for_tensor(x: torch.Tensor) -> ctypes.CDLL | None:
     return library()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for the headers of benchmarks and cache keys."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def attention_fits(heads: int, head_dim: int) -> bool:
     """Whether the decode attention kernel takes these per-rank shapes."""
     return head_dim % 8 == 0 and heads <= MAX_HEADS

@@ -10,15 +10,14 @@ or AVX-512 BW/VL/DQ (on this AVX2-only EPYC: "bf16 path needs the cpu support av
 avx512bw, avx512vl and avx512dq").
 
 `CARAVAN_ONEDNN_LINEAR` (`ENV`) chooses, as `CARAVAN_CPU_KERNELS` does for the C kernels (see
-`enabled`). `auto` prepacks a weight only where the copy replaces it, no memory added: where no
+`enabled`). `auto` prepacks a weight only where the copy replaces it, no memory added. Where no
 other path reads the plain weight (no C kernels: bf16, CARAVAN_CPU_KERNELS=off, a CPU they cannot
-run on), so oneDNN takes every row of that linear. On the AVX2 EPYC that measured 1.0x to 1.5x
-faster than MKL and addmm at 1 to 256 rows, level at 512 (`bench/cpu_linear.py`, numbers in
-`shard.layers.linear`). Where the C kernels read the plain weight (float32 on x86-64 with AVX2,
-the default there), a copy beside it doubles the linears' memory and wins only between 129 and
-256 rows (1.15x at 256; level with the kernel at 128 and with addmm at 512; a 512-row prefill
-step of SmolLM2 0.98x): `auto` does not, `on` does (for machines where it measures better, such as
-AMX Xeons, where vLLM's CPU backend prepacks every linear).
+run on), it always does: on the AVX2 EPYC oneDNN measured 1.0x to 1.5x faster than MKL and addmm
+at 1 to 256 rows, level at 512 (`bench/cpu_linear.py`). Where the C kernels read it (float32 on
+x86-64 with AVX2, the default there), the fused decode kernels and oneDNN are timed against each
+other at load (`shard.cpu_path`) and the weight is packed in place only where oneDNN wins; on the
+EPYC it loses (1.4-1.6x the kernels' time a decode step). `on` prepacks beside the plain weight
+there, doubling the linears' memory: oneDNN then takes the steps above the kernels' 128 rows.
 """
 
 from __future__ import annotations
@@ -94,7 +93,9 @@ def mode() -> str:
 def enabled(dtype: torch.dtype, *, beside: bool) -> bool:
     """Whether a CPU weight of `dtype` is prepacked: `beside` its plain copy (which other paths still
     read, doubling its memory) or in its place. `ENV`: `on` prepacks both ways (an error where the
-    ops do not work for `dtype`), `off` neither, `auto` (default) only in place. Never FP8 or fp16."""
+    ops do not work for `dtype`), `off` neither, `auto` (default) only in place (the caller asks for
+    in place where `shard.cpu_path` measured oneDNN faster, or where nothing else reads the weight).
+    Never FP8 or fp16."""
     choice = mode()
     if choice == "off" or dtype not in DTYPES or (choice == "auto" and beside):
         return False
