@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import re
 import reprlib
@@ -89,22 +90,22 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Callable, get_args, get_type_hints
 
-import torch
 import yaml
 
+from shard.errors import UserError
 from shard.layout import Layout
 
 # The docstring is the one copy users read, so the example is cut from it rather than kept twice
 # (which is also why this module needs its docstring: it does not import under `python -OO`).
 EXAMPLE_YAML: str = __doc__.split("```yaml\n")[1].split("```")[0]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")   # torch's names for them
 DEVICES = ("auto", "cpu", "cuda")
 _UNITS = {"K": 2**10, "KiB": 2**10, "KB": 10**3, "M": 2**20, "MiB": 2**20, "MB": 10**6,
           "G": 2**30, "GiB": 2**30, "GB": 10**9}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A cluster config Caravan cannot serve: `source: key.path: the value and the fix`, one line."""
 
     def __init__(self, key: str, problem: str, source: str = "<config>"):
@@ -156,9 +157,8 @@ class ModelSection:
     path: str | None = _rule(None, _NOT_EMPTY, _path)
     dtype: str = _rule("float32", _one_of(DTYPES))
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    # torch's dtype, importing torch only when asked: `caravan`'s argument parsers read this module.
+    torch_dtype = property(lambda self: getattr(importlib.import_module("torch"), self.dtype))
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shard.errors import UserError
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
 # Written last, inside the temporary folder: a target without it is a leftover to rebuild.
 COMPLETE_MARKER = ".caravan-complete"
 
 
-class DemoModelError(RuntimeError):
+class DemoModelError(UserError, RuntimeError):
     """The demo model's source is missing; the message says how to install it."""
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shard.config import ModelConfig
+from shard.errors import UserError
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A TP x PP layout that cannot hold the model; the message lists the valid choices."""
 
 

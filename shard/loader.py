@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from shard import quant
 from shard.config import ModelConfig
+from shard.errors import UserError
 from shard.layers import TensorSlice
 from shard.model import LlamaStage, checkpoint_shapes
 
@@ -35,7 +36,7 @@ SINGLE_FILE = "model.safetensors"
 _RECOMPUTED = (".rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match the model; the message names the tensor and the fix."""
 
 

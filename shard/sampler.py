@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shard.errors import UserError
 
-class SamplingError(ValueError):
+
+class SamplingError(UserError, ValueError):
     """Invalid sampling parameters; the message names the field."""
 
 

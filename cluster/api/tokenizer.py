@@ -11,9 +11,10 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from cluster.engine.request import checkpoint_eos_ids
+from shard.errors import UserError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """The checkpoint folder cannot give what was asked; the message names the folder and the fix."""
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cluster.cli.client import DEFAULT_SERVER, UNARY_TIMEOUT_S
 from cluster.config import DTYPES
 from shard.demo import ensure_demo_model
+
+DEFAULT_SERVER = "localhost:50051"
+# Status and Scale answer at once; a router that takes longer is stuck, and saying so beats hanging.
+UNARY_TIMEOUT_S = 10.0
 
 
 def model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:

@@ -21,11 +21,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from caravan.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from cluster.cli.args import UNARY_TIMEOUT_S
 from cluster.tokens import admin_token_file
 
-DEFAULT_SERVER = "localhost:50051"
-# Status and Scale answer at once; a router that takes longer is stuck, and saying so beats hanging.
-UNARY_TIMEOUT_S = 10.0
 # The caller is at fault: retrying the same call cannot help. Everything else exits 1.
 CLIENT_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,

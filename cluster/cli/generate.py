@@ -8,9 +8,10 @@ import json
 import sys
 import time
 
+import torch
+
 from cluster.api.tokenizer import IncrementalDetokenizer, Tokenizer
-from cluster.cli.args import model_args, model_dir
-from cluster.config import DTYPES
+from cluster.cli.args import model_dir
 from cluster.engine.executor import LocalExecutor
 from cluster.engine.offline import Request, blocks_needed, check_requests, generate
 from cluster.runtime.processes import LocalReplica
@@ -20,20 +21,6 @@ from shard.loader import Checkpoint
 from shard.sampler import SamplingParams
 
 BLOCK_SIZE = 16
-
-
-def add_parser(sub) -> None:
-    gen = sub.add_parser("generate", help="generate text offline from a model sharded TP x PP over local processes")
-    gen.add_argument("prompt", help="the user message (chat template applied) or, with --raw, the prompt text")
-    model_args(gen)
-    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    gen.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_requests(requests, cfg.max_position_embeddings, cfg.vocab_size)
     num_blocks = blocks_needed(requests, BLOCK_SIZE)
     start = time.perf_counter()
-    with LocalReplica(folder, layout, dtype=DTYPES[args.dtype], num_blocks=num_blocks, block_size=BLOCK_SIZE,
+    with LocalReplica(folder, layout, dtype=getattr(torch, args.dtype), num_blocks=num_blocks, block_size=BLOCK_SIZE,
                       progress=not args.json) as replica:
         loaded = time.perf_counter()
         executor = LocalExecutor(replica)

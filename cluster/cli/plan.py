@@ -13,7 +13,7 @@ import torch
 from cluster.cli.args import model_dir as checkpoint_dir
 from cluster.config import DTYPES, ConfigError
 from shard.config import ModelConfig
-from shard.gpus import GPUS, gpu
+from shard.gpus import gpu
 from shard.layout import Layout
 from shard.loader import Checkpoint
 from shard.plan import as_fp8, format_plan, plan_replica
@@ -21,45 +21,6 @@ from shard.planner import (Cluster, MeasurementError, Workload, format_ranking, 
                            ranking_json)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def add_parser(sub) -> None:
-    plan = sub.add_parser("plan", help="show what each rank of a TP x PP layout holds and reads, or with --gpu rank "
-                                       "every layout of a cluster by estimated throughput (no weights needed)",
-                          description="Without --gpu: what each rank of one TP x PP layout holds. With --gpu: every "
-                                      "TP x PP x replicas layout of --nodes x --gpus-per-node GPUs (TP dividing a "
-                                      "node's GPUs, TP x PP dividing the cluster), with weights and KV cache per GPU, "
-                                      "decode and prefill floors and a throughput ceiling, best first; the model "
-                                      "behind the numbers is in shard/planner.py. Exit 0: a layout fits (or "
-                                      "without --gpu); 1: none fits; 2: a bad flag.")
-    plan.add_argument("--model", type=Path, default=None,
-                      help="Hugging Face checkpoint folder, or with --gpu its config.json alone (default: the demo "
-                           "model, SmolLM2-135M-Instruct)")
-    plan.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1; with --gpu: any)")
-    plan.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (default 1; with --gpu: any)")
-    plan.add_argument("--dtype", choices=sorted([*DTYPES, "bf16", "fp8"]), default=None,
-                      help="weights: fp8 counts those the checkpoint's quantization_config, or else Meta's Llama "
-                           "3.1 FP8 recipe, keeps FP8 (1 byte and a float32 scale a row), the rest bfloat16 (default: "
-                           "fp8 for an FP8 checkpoint, else bfloat16)")
-    plan.add_argument("--files", action="store_true", help="list the checkpoint files each rank opens")
-    plan.add_argument("--gpu", default=None, help="rank the layouts of a cluster of these GPUs: "
-                                                  + ", ".join(sorted(GPUS)))
-    plan.add_argument("--nodes", type=int, default=None, help="with --gpu: nodes (default 1)")
-    plan.add_argument("--gpus-per-node", type=int, default=None, help="with --gpu: GPUs per node (default 8)")
-    plan.add_argument("--context", type=int, default=None,
-                      help="with --gpu: tokens of one sequence a layout must hold to fit, and count by (default 8192)")
-    plan.add_argument("--workload", default=None, metavar="IN:OUT",
-                      help="with --gpu: input and output tokens of a request, for the throughput (default 1024:128)")
-    plan.add_argument("--speculate", default=None, metavar="K:RATE",
-                      help="with --gpu: also the decode floor with speculative decoding, K draft tokens a verify "
-                           "step, each accepted with probability RATE, e.g. 4:0.7 (the replica metric "
-                           "caravan_speculative_acceptance_ratio measures it)")
-    plan.add_argument("--json", action="store_true", help="with --gpu: print the ranking as one JSON object")
-    plan.add_argument("--results", type=Path, default=None,
-                      help="with --gpu: the folder of GPU bench results whose measured efficiencies the estimate "
-                           "uses for that GPU (bench/gpu_layer.py, bench/fp8_gemm.py; default: this checkout's "
-                           "bench/results); without any, the estimate is the roofline floor")
-    plan.set_defaults(run=run)
 
 
 
@@ -73,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = checkpoint_dir(args)
     cfg = _plan_weights(ModelConfig.from_pretrained(model_dir), args.dtype)
     layout = Layout(args.tp or 1, args.pp or 1)
-    dtype = DTYPES.get(args.dtype, torch.bfloat16)
+    dtype = getattr(torch, args.dtype) if args.dtype in DTYPES else torch.bfloat16   # bf16, fp8 (its other weights) or none
     plans = plan_replica(cfg, layout, Checkpoint.open(model_dir), dtype)
     print(format_plan(cfg, layout, plans, dtype))
     if args.files:

@@ -34,24 +34,6 @@ from cluster.runtime.placement import format_places
 log = logging.getLogger(__name__)
 
 
-def add_parser(sub) -> None:
-    srv = sub.add_parser("serve", help="bring up the model's replicas on a Ray cluster, from one YAML config")
-    srv.add_argument("config", nargs="?", type=Path, default=None,
-                     help="cluster config YAML (default: SmolLM2, TP 3 x PP 2, on a local Ray cluster simulating "
-                          "2 nodes); every key is listed in cluster/config.py")
-    srv.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
-                                                     "config's address or a local one")
-    srv.add_argument("--port", type=int, default=None, help="the router's gRPC port (default: router.port, 50051)")
-    srv.add_argument("--http-port", type=int, default=None,
-                     help="the OpenAI-compatible HTTP API's port; 0 turns it off (default: router.http_port, 8000)")
-    srv.add_argument("--once", metavar="PROMPT", default=None,
-                     help="answer this chat prompt through the router's gRPC API, then drain and exit (a smoke test)")
-    srv.add_argument("--max-tokens", type=int, default=64, help="with --once: tokens to generate at most")
-    srv.add_argument("--print-serve-config", action="store_true",
-                     help="print the Ray Serve config (YAML) of this application, for `serve deploy` or the "
-                          "dashboard's REST API (PUT /api/serve/applications/), and exit")
-    srv.set_defaults(run=run)
-
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -17,6 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 from cluster.config import ServeConfig
 from cluster.deploy.names import DEPLOYMENT, IMPORT_PATH
 from cluster.runtime.placement import PlacementError, check_capacity, cluster_nodes, shard_resource
+from shard.errors import UserError
 
 SCALE_APPLIED_S = 30.0
 # Keys of a Caravan config that are not the application's: the replica count is the Serve config's
@@ -24,7 +25,7 @@ SCALE_APPLIED_S = 30.0
 NOT_ARGS = ("replicas", "address", "local_cluster")
 
 
-class AppError(RuntimeError):
+class AppError(UserError, RuntimeError):
     """The application failed to deploy or to become healthy; the message is Serve's reason."""
 
 

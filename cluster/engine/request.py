@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shard.errors import UserError
 from shard.sampler import SamplingParams
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A request the model cannot run; the message names the request and the fix."""
 
 

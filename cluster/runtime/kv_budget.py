@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from cluster.config import ServeConfig
 from shard.config import ModelConfig
+from shard.errors import UserError
 from shard.graphs import graph_memory_bound
 from shard.layout import model_stage_layers
 from shard.model import rank_kv_bytes_per_token
 from shard.worker import GRAPH_MAX_CONTEXT
 
 
-class KVBudgetError(RuntimeError):
+class KVBudgetError(UserError, RuntimeError):
     """`kv_cache.memory_per_shard` holds no block; the message says what to raise or lower."""
 
 

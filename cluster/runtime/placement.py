@@ -20,12 +20,13 @@ import ray
 from ray._private.state import available_resources_per_node
 from ray.util.placement_group import PlacementGroup, placement_group_table
 
+from shard.errors import UserError
 from shard.layout import Layout
 
 ENGINE_BUNDLE = {"CPU": 0.1}  # bundle 0: the replica's engine, which only schedules and streams
 
 
-class PlacementError(RuntimeError):
+class PlacementError(UserError, RuntimeError):
     """The cluster cannot hold the layout; the message says what is missing and what to change."""
 
 

@@ -205,3 +205,34 @@ def test_seeded_sampling_is_the_same_on_every_layout(smollm2_dir: Path) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(json.loads(result.stdout)["token_ids"])
     assert runs[0] == runs[1]
+
+
+HEAVY = ("torch", "ray", "transformers", "grpc")
+
+
+def test_help_and_a_bad_flag_answer_without_importing_torch_ray_transformers_or_grpc() -> None:
+    # The parsers are argparse alone; each command's module (and what it needs) is imported when it runs.
+    probe = ("import sys\nfrom cluster.cli import main\n"
+             "for argv in (['--help'], ['serve', '--help'], ['plan', '--dtype', 'fp4']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+             f"print('loaded', sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.count("exit 0") == 2 and "exit 2" in result.stdout, result.stdout + result.stderr
+    assert "invalid choice: 'fp4'" in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "loaded []", result.stdout
+
+
+def test_every_command_names_an_entry_point_that_exists() -> None:
+    import argparse
+    import importlib
+
+    from cluster.cli import parsers
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    for name in parsers.COMMANDS:
+        getattr(parsers, name)(sub)
+    assert set(sub.choices) == {"generate", "serve", "plan", "chat", "complete", "status", "scale", "drain", "doctor"}
+    for command, p in sub.choices.items():
+        module, function = p.get_default("run").split(":")
+        assert callable(getattr(importlib.import_module(f"cluster.cli.{module}"), function)), command
