@@ -25,6 +25,7 @@ whole-batch throughput only), and prints Caravan / peer ratios.
 
 Writes bench/results/load-<timestamp>.json, and -sweep.png (throughput and latency percentiles per point)
 and -ttft.png (the TTFT distribution) next to it; matplotlib comes with `pip install -e .[bench]`.
+How requests are sent and timed is in load_client.py.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -45,91 +44,11 @@ from typing import Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_client import (PERCENTILES, Request, arrivals, grpc_sender, openai_sender, run_point,  # noqa: E402
+                         summarize, windows)
 from workload import TEXT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PERCENTILES = (50, 90, 99)
-
-
-# -- per request and per point ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    """One request's timestamps (perf_counter seconds) and outcome."""
-
-    sent: float
-    first: float | None = None  # first output token received
-    done: float | None = None  # last output token received
-    tokens: int = 0  # output tokens received
-    error: str | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first is None else self.first - self.sent
-
-    @property
-    def latency(self) -> float | None:
-        return None if self.done is None else self.done - self.sent
-
-    @property
-    def tpot(self) -> float | None:
-        return tpot(self.first, self.done, self.tokens)
-
-    def to_dict(self) -> dict:
-        return {"ttft_s": self.ttft, "tpot_s": self.tpot, "latency_s": self.latency, "output_tokens": self.tokens,
-                "error": self.error}
-
-
-def tpot(first: float | None, last: float | None, tokens: int) -> float | None:
-    """Time per output token after the first: None with fewer than 2 tokens (nothing to divide)."""
-    if first is None or last is None or tokens < 2:
-        return None
-    return (last - first) / (tokens - 1)
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50, p90, p99 (linear interpolation) and the mean; None for each when there is no value."""
-    if not values:
-        return {**{f"p{q}": None for q in PERCENTILES}, "mean": None}
-    a = np.asarray(values, dtype=float)
-    return {**{f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES}, "mean": float(a.mean())}
-
-
-def summarize(x: float, requests: list[Request]) -> dict:
-    """One sweep point: `x` is its concurrency (closed loop) or request rate (open loop). Throughput is over the
-    point's span, from its first send to its last token."""
-    ok = [r for r in requests if r.error is None and r.done is not None]
-    span = max(r.done for r in ok) - min(r.sent for r in requests) if ok else 0.0
-    tokens = sum(r.tokens for r in ok)
-    errors = [r.error for r in requests if r.error is not None]
-    return {
-        "x": x, "requests": len(requests), "ok": len(ok), "errors": len(errors), "first_errors": errors[:3],
-        "duration_s": span, "output_tokens": tokens,
-        "requests_per_s": len(ok) / span if span else 0.0, "output_tokens_per_s": tokens / span if span else 0.0,
-        "ttft_s": percentiles([r.ttft for r in ok]),
-        "tpot_s": percentiles([r.tpot for r in ok if r.tpot is not None]),
-        "latency_s": percentiles([r.latency for r in ok]),
-        "per_request": [r.to_dict() for r in requests],
-    }
-
-
-def arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
-    """Send offsets in seconds of `n` Poisson arrivals at `rate` per second, the first at 0."""
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
-def windows(ids: list[int], n: int, length: int, seed: int = 0) -> list[list[int]]:
-    """`n` prompts of exactly `length` ids: windows of `ids` (repeated as needed) at distinct offsets."""
-    base = list(ids)
-    while len(ids) - length + 1 < n:
-        ids = ids + base
-    offsets = random.Random(seed).sample(range(len(ids) - length + 1), n)
-    return [ids[o : o + length] for o in offsets]
 
 
 # -- Caravan over gRPC ------------------------------------------------------------------------------------------
@@ -183,89 +102,6 @@ def server_prompts(target: str, token: str | None, args) -> tuple[list[list[int]
         return windows(tokenize(TEXT), args.requests_per_point, args.input_tokens), model
 
 
-async def _point(send, prompts, x: float, closed: bool, budget_s: float, bar) -> list[Request]:
-    """One sweep point: `send(ids, start)` runs one request; closed loop with `x` requests in flight, or
-    Poisson arrivals at `x` per second."""
-    start = time.perf_counter()
-
-    async def one(ids: list[int]) -> Request:
-        r = await send(ids, start)
-        bar.update(1)
-        return r
-
-    if closed:
-        queue, out = list(reversed(prompts)), []
-
-        async def worker():
-            while queue and time.perf_counter() - start < budget_s:
-                out.append(await one(queue.pop()))
-        await asyncio.gather(*(worker() for _ in range(int(x))))
-        return out
-    tasks = []
-    for offset, ids in zip(arrivals(len(prompts), x), prompts):
-        if offset > budget_s:
-            break
-        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(ids)))
-    return list(await asyncio.gather(*tasks))
-
-
-def _grpc_sender(stub, metadata, output_tokens: int, budget_s: float):
-    import grpc
-
-    from caravan.v1 import inference_pb2 as pb
-
-    async def send(ids: list[int], start: float) -> Request:
-        r = Request(sent=time.perf_counter())
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=output_tokens, ignore_eos=True,
-                                     sampling=pb.SamplingParams(temperature=0))
-        try:
-            async for response in stub.Generate(request, metadata=metadata,
-                                                timeout=max(1.0, start + budget_s - r.sent)):
-                if response.token_ids:
-                    r.done = time.perf_counter()
-                    r.first = r.first or r.done
-                    r.tokens += len(response.token_ids)
-        except grpc.aio.AioRpcError as e:
-            r.error = f"{e.code().name}: {e.details()}"
-        return r
-    return send
-
-
-def _openai_sender(session, base: str, model: str, headers: dict, output_tokens: int, budget_s: float):
-    """POST /v1/completions, streamed, the same token-id prompt and parameters as over gRPC; an event with
-    text is a token arrival, and the token count is the usage the last event reports (an event may carry
-    several tokens, as a gRPC response may). A plain HTTP client (aiohttp), as the standard benchmarks use:
-    parsing every event into SDK objects would measure this client more than the server."""
-    import aiohttp
-
-    async def send(ids: list[int], start: float) -> Request:
-        r = Request(sent=time.perf_counter())
-        body = {"model": model, "prompt": ids, "max_tokens": output_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        timeout = aiohttp.ClientTimeout(total=max(1.0, start + budget_s - r.sent))
-        try:
-            async with session.post(base + "/completions", json=body, headers=headers, timeout=timeout) as resp:
-                if resp.status != 200:
-                    r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                    return r
-                async for line in resp.content:
-                    if not line.startswith(b"data: {"):
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        r.error = f"error event: {event['error']['message']}"
-                    elif event["choices"] and event["choices"][0]["text"]:
-                        r.done = time.perf_counter()
-                        r.first = r.first or r.done
-                    elif event.get("usage"):
-                        r.tokens = event["usage"]["completion_tokens"]
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            r.error = f"{type(e).__name__}: {e}"
-        return r
-    return send
-
-
 def run_caravan(target: str, http: str | None, token: str | None, model: str, prompts, args, xs,
                 closed: bool) -> dict[str, list[dict]]:
     """Each API of `args.api` in turn at every point (grpc, then openai, at each x), so that both see the
@@ -286,9 +122,9 @@ def run_caravan(target: str, http: str | None, token: str | None, model: str, pr
             stub = inference_pb2_grpc.InferenceStub(channel)
             warm = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[0]), max_tokens=4, ignore_eos=True)
             [_ async for _ in stub.Generate(warm, metadata=metadata, timeout=120)]
-            senders = {"grpc": _grpc_sender(stub, metadata, args.output_tokens, args.max_seconds_per_point)}
+            senders = {"grpc": grpc_sender(stub, metadata, args.output_tokens, args.max_seconds_per_point)}
             if "openai" in args.api:
-                senders["openai"] = _openai_sender(session, f"http://{http}/v1", model, headers, args.output_tokens,
+                senders["openai"] = openai_sender(session, f"http://{http}/v1", model, headers, args.output_tokens,
                                                    args.max_seconds_per_point)
                 await senders["openai"](prompts[0], time.perf_counter())  # the connection and the route, warm
             points = {api: [] for api in args.api}
@@ -296,7 +132,7 @@ def run_caravan(target: str, http: str | None, token: str | None, model: str, pr
                 for x in xs:
                     for api in args.api:
                         bar.set_postfix_str(f"{api}, {'concurrency' if closed else 'rate'} {x:g}")
-                        requests = await _point(senders[api], prompts, x, closed, args.max_seconds_per_point, bar)
+                        requests = await run_point(senders[api], prompts, x, closed, args.max_seconds_per_point, bar)
                         points[api].append(summarize(x, requests))
             return points
     return asyncio.run(run())

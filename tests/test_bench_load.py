@@ -1,4 +1,4 @@
-"""bench/load.py's pure parts: timings, percentiles, the result's shape, and its plots from fake results."""
+"""bench/load.py's and bench/load_client.py's pure parts: timings, percentiles, the result's shape, and its plots from fake results."""
 
 from __future__ import annotations
 
@@ -10,35 +10,36 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import load  # noqa: E402
+import load_client  # noqa: E402
 
 
 def test_tpot_is_the_time_per_token_after_the_first():
-    assert load.tpot(1.0, 2.5, 4) == pytest.approx(0.5)
-    assert load.tpot(1.0, 1.0, 1) is None and load.tpot(None, None, 0) is None
-    r = load.Request(sent=10.0, first=10.2, done=11.2, tokens=11)
+    assert load_client.tpot(1.0, 2.5, 4) == pytest.approx(0.5)
+    assert load_client.tpot(1.0, 1.0, 1) is None and load_client.tpot(None, None, 0) is None
+    r = load_client.Request(sent=10.0, first=10.2, done=11.2, tokens=11)
     assert (r.ttft, r.tpot, r.latency) == (pytest.approx(0.2), pytest.approx(0.1), pytest.approx(1.2))
 
 
 def test_percentiles_interpolate_linearly():
-    p = load.percentiles([float(v) for v in range(1, 101)])
+    p = load_client.percentiles([float(v) for v in range(1, 101)])
     assert (p["p50"], p["p90"], p["p99"], p["mean"]) == pytest.approx((50.5, 90.1, 99.01, 50.5))
-    assert load.percentiles([]) == {"p50": None, "p90": None, "p99": None, "mean": None}
+    assert load_client.percentiles([]) == {"p50": None, "p90": None, "p99": None, "mean": None}
 
 
 def test_poisson_arrivals_and_prompt_windows_are_deterministic():
-    a = load.arrivals(2000, rate=4.0, seed=1)
-    assert a[0] == 0 and a == sorted(a) and a == load.arrivals(2000, rate=4.0, seed=1)
+    a = load_client.arrivals(2000, rate=4.0, seed=1)
+    assert a[0] == 0 and a == sorted(a) and a == load_client.arrivals(2000, rate=4.0, seed=1)
     assert 1 / 4.0 == pytest.approx(a[-1] / (len(a) - 1), rel=0.1)
-    prompts = load.windows(list(range(10)), n=30, length=4)
+    prompts = load_client.windows(list(range(10)), n=30, length=4)
     assert len(prompts) == 30 and {len(p) for p in prompts} == {4} and len({tuple(p) for p in prompts}) > 1
 
 
 def fake_results() -> dict:
     def point(x: float, scale: float) -> dict:
-        requests = [load.Request(sent=i * 0.1, first=i * 0.1 + scale * (1 + i % 3), done=i * 0.1 + 2 * scale + 1,
+        requests = [load_client.Request(sent=i * 0.1, first=i * 0.1 + scale * (1 + i % 3), done=i * 0.1 + 2 * scale + 1,
                                  tokens=16) for i in range(8)]
-        requests.append(load.Request(sent=0.0, error="UNAVAILABLE: no replica"))
-        return load.summarize(x, requests)
+        requests.append(load_client.Request(sent=0.0, error="UNAVAILABLE: no replica"))
+        return load_client.summarize(x, requests)
 
     return {"bench": "load", "model": "SmolLM2-135M-Instruct",
             "workload": {"x": "concurrency", "points": [1, 4], "input_tokens": 32, "output_tokens": 16, "requests_per_point": 9},
