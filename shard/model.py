@@ -211,6 +211,9 @@ class LlamaStage(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         h = self.ctx.all_reduce(self.embed_tokens.embed(x)) if self.embed_tokens is not None else x
+        if len(meta.decode_token_index) and (lib := kernels.cpu_lib(h)) is not None:  # before any kernel trusts them
+            cpu_kernels.check_decode_indices(meta.decode_token_index, meta.decode_ids, meta.decode_kv_lens, h.shape[0],
+                                             meta.block_tables, cache.k[0], meta.slot_mapping, lib)
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache.k[i], cache.v[i], meta)

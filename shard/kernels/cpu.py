@@ -41,6 +41,20 @@ class CpuKernelsUnavailable(RuntimeError):
     pass
 
 
+class KVIndexError(IndexError):
+    """A decode step whose indices point outside the tensors the attention kernels would read or
+    write (a bug upstream, in whoever built the step): refused before the kernel runs."""
+
+
+_INDEX_PROBLEMS = {   # caravan_check_decode_indices's kinds
+    1: "decode row {row} reads token row {value}, outside the step's {tokens} rows",
+    2: "decode row {row} reads block table row {value}, outside the step's {seqs} tables",
+    3: "decode row {row} attends to {value} keys; its block table holds 1 to {keys}",
+    4: "decode row {row}'s block table names block {value}, outside the KV cache's {blocks} blocks",
+    5: "row {row} would write its key and value to slot {value}, outside the KV cache's {slots} slots",
+}
+
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}   # "lib": the loaded library or None; "why": the reason it is None
 
@@ -178,6 +192,28 @@ def decode_attention_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qk
     return out
 
 
+def check_decode_indices(token_index: torch.Tensor, seq_index: torch.Tensor, kv_len: torch.Tensor, tokens: int,
+                         tables: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor | None,
+                         lib: ctypes.CDLL) -> None:
+    """Raises KVIndexError where a step's indices (int64, contiguous) leave its tensors: the attention
+    kernels (`paged_decode_attention`, `decode_attention_block`) index raw memory and would not fail,
+    only read or corrupt someone else's. `LlamaStage.forward` calls it once a step, before its layers
+    (all of which share the step's indices and the cache's shape); 9 µs, about 1% of a 1-row layer of
+    SmolLM2 were it called at every layer. `tokens`: the step's rows; every one has a slot."""
+    assert len(seq_index) == len(kv_len) == len(token_index) and tables.is_contiguous()
+    blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    slots = slot_mapping.contiguous() if slot_mapping is not None else None
+    bad = (ctypes.c_int64 * 2)()
+    kind = lib.caravan_check_decode_indices(
+        token_index.data_ptr(), seq_index.data_ptr(), kv_len.data_ptr(), len(token_index), tokens, tables.data_ptr(),
+        tables.shape[0], tables.stride(0), tables.shape[1], block_size, blocks,
+        slots.data_ptr() if slots is not None else None, tokens if slots is not None else 0, bad)
+    if kind:
+        raise KVIndexError(_INDEX_PROBLEMS[kind].format(
+            row=bad[0], value=bad[1], tokens=tokens, seqs=tables.shape[0], keys=tables.shape[1] * block_size,
+            blocks=blocks, slots=blocks * block_size) + "; the step was refused before the CPU kernel ran")
+
+
 def mlp_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up_w: torch.Tensor, down_w: torch.Tensor,
               lib: ctypes.CDLL) -> torch.Tensor:
     """The MLP half of a decoder layer for a few rows, before the all-reduce and the residual:
@@ -221,10 +257,11 @@ def _load() -> ctypes.CDLL:
         "caravan_decode_attention_block_f32": [p, i64, i64, p, f32, p, i64, i64, i64, p, p, p, p, p, p, p, p, i64, p,
                                                i64, f32, p, p, p, i32],
         "caravan_mlp_block_f32": [p, i64, i64, p, f32, p, i64, p, p, p, i32],
+        "caravan_check_decode_indices": [p, p, p, i64, i64, p, i64, i64, i64, i64, i64, p, i64, p],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int32 if name == "caravan_check_decode_indices" else None
     return lib
 
 

@@ -331,3 +331,44 @@ void caravan_mlp_block_f32(const float *h, int64_t rows, int64_t hidden, const f
     caravan_silu_mul_f32(gate_up, act, rows, inter, threads);
     caravan_linear_f32(act, down_w, out, rows, inter, hidden, threads);
 }
+
+/* check_decode_indices: whether a decode step's indices stay inside the tensors the attention
+ * kernels read and write, checked before they trust them (a wrong index there reads or overwrites
+ * another tensor's memory instead of failing). Row d reads token row token_index[d] < num_tokens
+ * and block table row seq_index[d] < num_seqs, attends to 1 <= kv_len[d] <= table_width *
+ * block_size keys, whose blocks (the table's first entries) lie in [0, num_blocks); and, where
+ * slot_mapping is given, row t writes its key and value at slot_mapping[t] in [0, num_blocks *
+ * block_size) for t < num_slot_rows. Returns 0, or the kind of the first problem (1 token row,
+ * 2 table row, 3 key count, 4 block id, 5 slot), with bad[0] its row and bad[1] the value. */
+int32_t caravan_check_decode_indices(const int64_t *token_index, const int64_t *seq_index, const int64_t *kv_len,
+                                     int64_t num_decodes, int64_t num_tokens, const int64_t *block_tables,
+                                     int64_t num_seqs, int64_t table_stride, int64_t table_width,
+                                     int64_t block_size, int64_t num_blocks, const int64_t *slot_mapping,
+                                     int64_t num_slot_rows, int64_t *bad) {
+    for (int64_t d = 0; d < num_decodes; d++) {
+        int32_t kind = 0;
+        int64_t value = 0;
+        if (token_index[d] < 0 || token_index[d] >= num_tokens)
+            kind = 1, value = token_index[d];
+        else if (seq_index[d] < 0 || seq_index[d] >= num_seqs)
+            kind = 2, value = seq_index[d];
+        else if (kv_len[d] < 1 || kv_len[d] > table_width * block_size)
+            kind = 3, value = kv_len[d];
+        else {
+            const int64_t *table = block_tables + seq_index[d] * table_stride;
+            for (int64_t b = 0, used = (kv_len[d] + block_size - 1) / block_size; b < used && !kind; b++)
+                if (table[b] < 0 || table[b] >= num_blocks)
+                    kind = 4, value = table[b];
+        }
+        if (kind) {
+            bad[0] = d, bad[1] = value;
+            return kind;
+        }
+    }
+    for (int64_t t = 0; slot_mapping && t < num_slot_rows; t++)
+        if (slot_mapping[t] < 0 || slot_mapping[t] >= num_blocks * block_size) {
+            bad[0] = t, bad[1] = slot_mapping[t];
+            return 5;
+        }
+    return 0;
+}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -223,3 +224,49 @@ def test_an_unwritable_cache_names_the_folder_and_the_fix(fresh_state, monkeypat
     monkeypatch.setenv(cpu_kernels.ENV, "on")
     with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match="kernel cache .* is not writable.*XDG_CACHE_HOME"):
         cpu_kernels.library()
+
+
+def corrupt(meta: AttentionMetadata, what: str) -> str:
+    """Breaks one index of a decode step's metadata in place; returns the message fragment it must earn."""
+    if what == "token row":
+        meta.decode_token_index[1] = 99
+        return "decode row 1 reads token row 99, outside the step's 3 rows"
+    if what == "table row":
+        meta.decode_ids[2] = -1
+        return "decode row 2 reads block table row -1, outside the step's 3 tables"
+    if what == "key count":
+        meta.decode_kv_lens[0] = meta.block_tables.shape[1] * 16 + 1
+        return f"decode row 0 attends to {meta.decode_kv_lens[0]} keys; its block table holds 1 to"
+    if what == "block id":
+        meta.block_tables[1, 0] = 10_000
+        return "decode row 1's block table names block 10000, outside the KV cache's"
+    meta.slot_mapping[2] = -5
+    return "row 2 would write its key and value to slot -5, outside the KV cache's"
+
+
+@needs_kernels
+@pytest.mark.parametrize("what", ["token row", "table row", "key count", "block id", "slot"])
+def test_indices_outside_the_steps_tensors_are_refused_by_name(what):
+    _, _, _, k_cache, _, meta = decode_case(7, [20, 3, 40], 4, 2, 16)
+    expected = corrupt(meta, what)
+    with pytest.raises(cpu_kernels.KVIndexError, match=re.escape(expected)):
+        cpu_kernels.check_decode_indices(meta.decode_token_index, meta.decode_ids, meta.decode_kv_lens, 3,
+                                         meta.block_tables, k_cache, meta.slot_mapping, lib)
+
+
+@needs_kernels
+@pytest.mark.parametrize("step", ["decode", "mixed"])
+def test_a_step_naming_a_block_outside_the_cache_is_refused_before_any_layer_writes_it(tmp_path, step):
+    # The kernels index raw memory: without the check, this step would write its keys and values past
+    # the cache (or into another tensor) and carry on.
+    path = make_llama(tmp_path / "m", layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=64)
+    worker = ShardWorker(path, ParallelContext(Layout()), num_blocks=8, block_size=16, progress=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    worker.execute(StepInput([SeqChunk(0, [5, 6, 7], 0, [0], greedy, 0)]))
+    cache = worker.cache.k.clone(), worker.cache.v.clone()
+    seqs = [SeqChunk(0, [9], 3, [8], greedy, 1)]   # block 8 of an 8-block cache
+    if step == "mixed":
+        seqs.append(SeqChunk(1, list(range(3, 40)), 0, [1, 2, 3], greedy, 0))
+    with pytest.raises(cpu_kernels.KVIndexError, match="block 8, outside the KV cache's 8 blocks"):
+        worker.execute(StepInput(seqs))
+    assert torch.equal(worker.cache.k, cache[0]) and torch.equal(worker.cache.v, cache[1])
