@@ -17,7 +17,7 @@ from cluster.api.tokenizer import Tokenizer
 from cluster.engine.engine import Engine
 from cluster.engine.executor import LocalExecutor
 from cluster.engine.grammar import Constraint, GrammarError, Grammars
-from cluster.engine.request import RequestError, checkpoint_eos_ids
+from cluster.engine.request import RequestError
 from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.sampler import SamplingParams, apply_bitmasks, sample

@@ -18,7 +18,6 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from cluster.config import ConfigError, ServeConfig
-from cluster.engine.engine import ReplicaFailed
 from cluster.runtime.placement import PlacementError
 from cluster.deploy.controller import delete, deploy, scale
 from cluster.deploy.backend import ServeBackend

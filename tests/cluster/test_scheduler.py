@@ -283,6 +283,7 @@ def test_a_sequence_whose_token_in_flight_is_its_last_is_not_scheduled_ahead():
     sched.add(0, [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))
     sched.add(1, [4, 5, 6], SamplingParams(temperature=0, max_tokens=5))
     batch = sched.schedule()
+    assert [c.seq_id for c in batch.step.seqs] == [0, 1]   # both prefills; 0's token in flight will be its last
     ahead = sched.schedule()
     assert [c.seq_id for c in ahead.step.seqs] == [1]
     assert ahead.step.seqs[0].context_len == 3 and ahead.step.seqs[0].output_index == 1
