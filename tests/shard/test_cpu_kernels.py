@@ -19,6 +19,7 @@ from shard.layout import Layout
 from shard.parallel import ParallelContext
 from shard.sampler import SamplingParams
 from shard.worker import SeqChunk, ShardWorker, StepInput
+from tests.shard.side_by_side import greedy_side_by_side
 from tests.synthetic import make_llama
 
 lib = cpu_kernels.library()
@@ -200,22 +201,10 @@ def test_decode_steps_through_the_layer_kernels_match_the_operators(tmp_path, mo
     workers = [ShardWorker(path, ParallelContext(Layout()), num_blocks=4 * rows, block_size=4, progress=False)
                for _ in range(2)]
     states = [{"lib": lib, "why": ""}, OFF]
-    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     prompts = [[3 + i] * (2 + i % 5) for i in range(rows)]
     tables = [[4 * i + j for j in range(4)] for i in range(rows)]
-    tokens = [None, None]
-    for step in range(6):
-        outs = []
-        for w, (worker, state) in enumerate(zip(workers, states)):
-            monkeypatch.setattr(cpu_kernels, "_state", state)
-            seqs = [SeqChunk(i, prompts[i] if step == 0 else [tokens[w][i]],
-                             0 if step == 0 else len(prompts[i]) + step - 1, tables[i], greedy, step)
-                    for i in range(rows)]
-            out = worker.execute(StepInput(seqs, return_logits=True))
-            tokens[w] = [out.samples[i].token_id for i in range(rows)]
-            outs.append(out.logits)
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
-        assert tokens[0] == tokens[1]
+    greedy_side_by_side(workers, prompts, tables, steps=6,
+                        before=lambda w: monkeypatch.setattr(cpu_kernels, "_state", states[w]))
 
 
 @needs_kernels  # on a CPU the kernels do not support, that is the reason given instead

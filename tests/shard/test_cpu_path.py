@@ -8,15 +8,14 @@ import json
 import logging
 
 import pytest
-import torch
 
 from shard import cpu_path
 from shard.kernels import cpu as cpu_kernels
 from shard.kernels import onednn
 from shard.layout import Layout
 from shard.parallel import ParallelContext
-from shard.sampler import SamplingParams
-from shard.worker import SeqChunk, ShardWorker, StepInput
+from shard.worker import ShardWorker
+from tests.shard.side_by_side import greedy_side_by_side
 from tests.synthetic import make_llama
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None or not onednn.available(),
@@ -84,21 +83,8 @@ def test_a_measured_onednn_verdict_packs_in_place_and_gives_the_plain_kernels_to
     assert not onednn.is_packed(plain.model.layers[0].self_attn.qkv_proj.weight)
     calls, real = [], onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda x, p: calls.append(len(x)) or real(x, p))
-    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     prompts = [[3 + (7 * i) % 900 for i in range(20)], [5, 6, 7]]
-    tables = [list(range(0, 16)), list(range(16, 32))]
-    tokens: list[list[list[int]]] = [[], []]
-    for step in range(5):
-        logits = []
-        for w, worker in enumerate((packed, plain)):
-            seqs = [SeqChunk(i, prompts[i] if step == 0 else [tokens[w][-1][i]],
-                             0 if step == 0 else len(prompts[i]) + step - 1, tables[i], greedy, step)
-                    for i in range(len(prompts))]
-            out = worker.execute(StepInput(seqs, return_logits=True))
-            tokens[w].append([out.samples[i].token_id for i in range(len(prompts))])
-            logits.append(out.logits)
-        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
-    assert tokens[0] == tokens[1]
+    greedy_side_by_side((packed, plain), prompts, [list(range(0, 16)), list(range(16, 32))], steps=5)
     per_step = 2 * 4 + 1   # two layers of four linears, and the LM head, all through oneDNN
     # The four decode steps' two rows took oneDNN, not the fused kernels (and so did the prefill's
     # LM head, on the prompts' last rows).

@@ -17,8 +17,8 @@ from shard.kernels import onednn
 from shard.layers import ColumnParallelLinear, linear, prepack, split
 from shard.layout import Layout
 from shard.parallel import ParallelContext
-from shard.sampler import SamplingParams
-from shard.worker import SeqChunk, ShardWorker, StepInput
+from shard.worker import ShardWorker
+from tests.shard.side_by_side import greedy_side_by_side
 from tests.synthetic import make_llama
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.why_unavailable()}")
@@ -122,21 +122,8 @@ def test_greedy_output_is_the_same_with_prepacked_weights_on_and_off(tmp_path, m
     assert not onednn.is_packed(workers[0].model.embed_tokens.weight)  # the tied LM head's table: also the embedding
     calls, real = [], onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda x, packed: calls.append(len(x)) or real(x, packed))
-    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     prompts = [[3 + (7 * i) % 900 for i in range(cpu_kernels.MAX_ROWS + 20)], [5, 6, 7]]
-    tables = [list(range(0, 16)), list(range(16, 32))]
-    tokens: list[list[list[int]]] = [[], []]
-    for step in range(5):
-        outs = []
-        for w, worker in enumerate(workers):
-            seqs = [SeqChunk(i, prompts[i] if step == 0 else [tokens[w][-1][i]],
-                             0 if step == 0 else len(prompts[i]) + step - 1, tables[i], greedy, step)
-                    for i in range(len(prompts))]
-            out = worker.execute(StepInput(seqs, return_logits=True))
-            tokens[w].append([out.samples[i].token_id for i in range(len(prompts))])
-            outs.append(out.logits)
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
-    assert tokens[0] == tokens[1]
+    greedy_side_by_side(workers, prompts, [list(range(0, 16)), list(range(16, 32))], steps=5)
     if kernels:   # the prefill's linears, and nothing else
         assert calls and min(calls) > cpu_kernels.MAX_ROWS
     else:         # the 4 linears of each layer at every step; not the tied LM head, which `auto` keeps plain
