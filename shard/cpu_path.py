@@ -87,10 +87,10 @@ def choose(stage: nn.Module) -> dict[str, Measured]:
     if (stage.dtype != torch.float32 or torch.device(stage.ctx.device).type != "cpu" or onednn.mode() != "auto"
             or cpu_kernels.library() is None or not onednn.available(torch.float32)):
         return {}
-    out = {}
+    out, cached = {}, _read()
     for part, (shapes, measure) in _parts(stage).items():
         key = _key(part, shapes)
-        if (found := _read().get(key)) is None:
+        if (found := cached.get(key)) is None:
             found = decide(*measure())
             _write(key, found)
             log.info("CPU path for %s, measured (cached in %s): %s", part, cache_file(), found.describe())
@@ -145,7 +145,8 @@ def _read() -> dict[str, Measured]:
 
 
 def _write(key: str, measured: Measured) -> None:
-    """Adds `key` to the cache file, atomically (ranks deciding at once each leave a whole file)."""
+    """Adds `key` to the cache file, atomically (ranks deciding at once each leave a whole file), to
+    the entries it holds now: another process may have added its own since `choose` read it."""
     path = cache_file()
     with _lock:
         entries = {k: asdict(v) for k, v in _read().items()}
