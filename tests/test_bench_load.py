@@ -1,4 +1,5 @@
-"""bench/load.py's and bench/load_client.py's pure parts: timings, percentiles, the result's shape, and its plots from fake results."""
+"""bench/load.py's pure parts (in load_client.py and load_report.py): timings, percentiles, the
+result's shape, and its plots from fake results."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import load  # noqa: E402
 import load_client  # noqa: E402
+import load_report  # noqa: E402
 
 
 def test_tpot_is_the_time_per_token_after_the_first():
@@ -63,14 +64,14 @@ def test_a_point_summarizes_its_requests_and_survives_json():
 
 def test_tables_and_ratios_name_every_system():
     results = fake_results()
-    assert "4 | 8/9 |" in load.table("caravan", results["systems"]["caravan"]["points"], "concurrency")
-    text = load.ratios(results, "concurrency")
+    assert "4 | 8/9 |" in load_report.table("caravan", results["systems"]["caravan"]["points"], "concurrency")
+    text = load_report.ratios(results, "concurrency")
     assert "transformers | 1 |" in text and "vllm (whole batch of 8)" in text and "other" not in text
 
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is in the test and bench extras: pip install -e '.[bench]'")
-    paths = load.plot(fake_results(), tmp_path / "load-test")
+    paths = load_report.plot(fake_results(), tmp_path / "load-test")
     assert [p.name for p in paths] == ["load-test-sweep.png", "load-test-ttft.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
