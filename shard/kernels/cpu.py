@@ -101,12 +101,7 @@ def for_tensor(x: torch.Tensor) -> ctypes.CDLL | None:
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), for the headers of benchmarks and cache keys."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def attention_fits(heads: int, head_dim: int) -> bool:
@@ -193,7 +188,7 @@ def decode_attention_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qk
 
 
 def check_decode_indices(token_index: torch.Tensor, seq_index: torch.Tensor, kv_len: torch.Tensor, tokens: int,
-                         tables: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor | None,
+                         tables: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
                          lib: ctypes.CDLL) -> None:
     """Raises KVIndexError where a step's indices (int64, contiguous) leave its tensors: the attention
     kernels (`paged_decode_attention`, `decode_attention_block`) index raw memory and would not fail,
@@ -202,12 +197,12 @@ def check_decode_indices(token_index: torch.Tensor, seq_index: torch.Tensor, kv_
     SmolLM2 were it called at every layer. `tokens`: the step's rows; every one has a slot."""
     assert len(seq_index) == len(kv_len) == len(token_index) and tables.is_contiguous()
     blocks, block_size = k_cache.shape[0], k_cache.shape[1]
-    slots = slot_mapping.contiguous() if slot_mapping is not None else None
+    slots = slot_mapping.contiguous()
     bad = (ctypes.c_int64 * 2)()
     kind = lib.caravan_check_decode_indices(
         token_index.data_ptr(), seq_index.data_ptr(), kv_len.data_ptr(), len(token_index), tokens, tables.data_ptr(),
         tables.shape[0], tables.stride(0), tables.shape[1], block_size, blocks,
-        slots.data_ptr() if slots is not None else None, tokens if slots is not None else 0, bad)
+        slots.data_ptr(), tokens, bad)
     if kind:
         raise KVIndexError(_INDEX_PROBLEMS[kind].format(
             row=bad[0], value=bad[1], tokens=tokens, seqs=tables.shape[0], keys=tables.shape[1] * block_size,
@@ -228,15 +223,20 @@ def mlp_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up_w: torc
     return out
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The value of the first `field: value` line of /proc/cpuinfo ("" where there is none, or no file)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
 
 
 def _load() -> ctypes.CDLL:

@@ -336,9 +336,9 @@ void caravan_mlp_block_f32(const float *h, int64_t rows, int64_t hidden, const f
  * kernels read and write, checked before they trust them (a wrong index there reads or overwrites
  * another tensor's memory instead of failing). Row d reads token row token_index[d] < num_tokens
  * and block table row seq_index[d] < num_seqs, attends to 1 <= kv_len[d] <= table_width *
- * block_size keys, whose blocks (the table's first entries) lie in [0, num_blocks); and, where
- * slot_mapping is given, row t writes its key and value at slot_mapping[t] in [0, num_blocks *
- * block_size) for t < num_slot_rows. Returns 0, or the kind of the first problem (1 token row,
+ * block_size keys, whose blocks (the table's first entries) lie in [0, num_blocks); and row t
+ * writes its key and value at slot_mapping[t] in [0, num_blocks * block_size) for t <
+ * num_slot_rows. Returns 0, or the kind of the first problem (1 token row,
  * 2 table row, 3 key count, 4 block id, 5 slot), with bad[0] its row and bad[1] the value. */
 int32_t caravan_check_decode_indices(const int64_t *token_index, const int64_t *seq_index, const int64_t *kv_len,
                                      int64_t num_decodes, int64_t num_tokens, const int64_t *block_tables,
@@ -365,7 +365,7 @@ int32_t caravan_check_decode_indices(const int64_t *token_index, const int64_t *
             return kind;
         }
     }
-    for (int64_t t = 0; slot_mapping && t < num_slot_rows; t++)
+    for (int64_t t = 0; t < num_slot_rows; t++)
         if (slot_mapping[t] < 0 || slot_mapping[t] >= num_blocks * block_size) {
             bad[0] = t, bad[1] = slot_mapping[t];
             return 5;
