@@ -21,6 +21,15 @@ def model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> No
     p.add_argument("--dtype", choices=sorted(DTYPES), default=dtype_default, help=f"default {dtype_default}")
 
 
+def cluster_args(p: argparse.ArgumentParser) -> None:
+    """The config and the Ray cluster of a command that deploys or probes replicas (serve, doctor)."""
+    p.add_argument("config", nargs="?", type=Path, default=None,
+                   help="cluster config YAML (default: SmolLM2, TP 3 x PP 2, on a local Ray cluster simulating "
+                        "2 nodes); every key is listed in cluster/config.py")
+    p.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT; auto inside a Ray "
+                                                   "job) instead of the config's address or a local one")
+
+
 def router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT",
                    help=f"the router's gRPC address (default {DEFAULT_SERVER})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.cli.args import int32, model_args, router_args, sampling_args
+from cluster.cli.args import cluster_args, int32, model_args, router_args, sampling_args
 from cluster.config import DTYPES
 from shard.gpus import GPUS
 
@@ -30,11 +30,7 @@ def generate(sub) -> None:
 
 def serve(sub) -> None:
     srv = sub.add_parser("serve", help="bring up the model's replicas on a Ray cluster, from one YAML config")
-    srv.add_argument("config", nargs="?", type=Path, default=None,
-                     help="cluster config YAML (default: SmolLM2, TP 3 x PP 2, on a local Ray cluster simulating "
-                          "2 nodes); every key is listed in cluster/config.py")
-    srv.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
-                                                     "config's address or a local one")
+    cluster_args(srv)
     srv.add_argument("--port", type=int, default=None, help="the router's gRPC port (default: router.port, 50051)")
     srv.add_argument("--http-port", type=int, default=None,
                      help="the OpenAI-compatible HTTP API's port; 0 turns it off (default: router.http_port, 8000)")
@@ -130,11 +126,7 @@ def doctor(sub) -> None:
                          description="Places probe actors exactly as one replica's shards, joins their process "
                                      "groups, and probes each TP all-reduce and PP hand-off within --timeout. "
                                      "Exit 0: every check passed; 1: a check failed; 2: a bad config.")
-    doc.add_argument("config", nargs="?", type=Path, default=None,
-                     help="cluster config YAML, as for `caravan serve` (default: SmolLM2, TP 3 x PP 2, on a local "
-                          "Ray cluster simulating 2 nodes)")
-    doc.add_argument("--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of the "
-                                                     "config's address or a local one; auto inside a Ray job")
+    cluster_args(doc)
     doc.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                      help="deadline of each link's check: warm-up (NCCL's communicator set-up on GPUs), latency "
                           "and bandwidth runs together; a link past it is reported as hung (default 30)")
